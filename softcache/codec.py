@@ -1,0 +1,311 @@
+"""Pack and unpack sparse teacher targets into compact byte streams (pure numpy, vectorised).
+
+A *batch* of positions is turned into a few named ``uint8`` streams that a storage backend then
+compresses with zstd. Everything is shaped so that zstd's entropy stage finds the redundancy:
+
+* **ids** are replaced by their rank in an :class:`IdOrder` (most frequent id first, fitted once per
+  shard), so that the common tokens of a real teacher get small codes, and stored as byte planes
+  (all low bytes, then all high bytes): for a real LM the high planes are almost all zero.
+* **log-probs** are kept in rank order (descending) and quantised to a grid of step ``logprob_step``:
+  ``q = round(-lp / step)`` is non-decreasing along a row, so it is stored as one head value per
+  row plus small non-negative deltas (one byte each, 255 escapes to a wider side stream).
+* **normalisers**: for each captured temperature ``τ`` the stored ``n_τ`` is not the raw
+  ``logsumexp(z/τ) - logsumexp(z)/τ`` but that value corrected for quantisation, so that the head mass
+  ``Σ exp(lp̂/τ - n_τ)`` equals the exact one. The tail mass ``1 - Σ p_τ`` is therefore exact (to
+  ``lognorm_step``) at every captured temperature, and each decoded tempered log-prob
+  ``lp̂/τ - n_τ`` is within ``logprob_step/τ`` nats of the exact value (``logprob_step/(2τ)`` from the
+  grid plus at most as much from the correction, a p-weighted mean of the same rounding errors).
+* **sampled** targets keep ids and counts: rows are sorted by count (descending), and
+  ``N - count`` is non-decreasing, so counts use the same head+delta coder.
+
+Padding slots (``id == -1``) are never stored: each position stores its number of entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+LOGPROB_FLOOR = -1000.0
+"""Log-probs below this are stored as this value (exp(-1000) is 0 in float64)."""
+
+_ESCAPE = 255
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    """Quantisation grid of a cache; stored in the manifest."""
+
+    logprob_step: float = 1.0 / 64
+    lognorm_step: float = 2.0**-20
+
+    def __post_init__(self) -> None:
+        for name in ("logprob_step", "lognorm_step"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise ValueError(f"codec parameter {name}={v!r} must be a number in (0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def max_logprob_error(self) -> float:
+        """Largest error, in nats, of a decoded log-prob at temperature 1 (at τ it is this / τ)."""
+        return self.logprob_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte planes: unsigned integers as width-major byte planes; the width is whatever the largest
+# value of the array needs, and the decoder infers it from the stream length.
+
+
+def to_planes(values: np.ndarray) -> np.ndarray:
+    """Unsigned integers (any shape) → flat uint8: all byte 0s, then all byte 1s, ... (little end first)."""
+    v = np.ascontiguousarray(values, dtype=np.uint64).ravel()
+    if v.size == 0:
+        return np.zeros(0, np.uint8)
+    width = max(1, (int(v.max()).bit_length() + 7) // 8)
+    return np.ascontiguousarray(v.view(np.uint8).reshape(-1, 8)[:, :width].T).ravel()
+
+
+def from_planes(stream: np.ndarray, count: int, dtype=np.int64) -> np.ndarray:
+    """Inverse of :func:`to_planes` for ``count`` values."""
+    stream = np.asarray(stream, dtype=np.uint8)
+    if count == 0:
+        if stream.size:
+            raise ValueError(f"stream of {stream.size} bytes where no values are expected")
+        return np.zeros(0, dtype)
+    width, rem = divmod(stream.size, count)
+    if rem or not 1 <= width <= 8:
+        raise ValueError(f"stream of {stream.size} bytes cannot hold {count} values")
+    wide = np.zeros((count, 8), np.uint8)
+    wide[:, :width] = stream.reshape(width, count).T
+    return wide.view(np.uint64).ravel().astype(dtype, copy=False)
+
+
+def zigzag(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.int64)
+    return ((x << 1) ^ (x >> 63)).astype(np.uint64)
+
+
+def unzigzag(u: np.ndarray) -> np.ndarray:
+    u = np.asarray(u, np.int64)
+    return (u >> 1) ^ -(u & 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Id order
+
+
+class IdOrder:
+    """A permutation of the vocabulary, most frequent ids first, used to give common ids small codes.
+
+    It is determined by ``head``: the ids seen when it was fitted, most frequent first (ties by id);
+    every other id follows in increasing order.
+    """
+
+    def __init__(self, head: np.ndarray, vocab_size: int) -> None:
+        head = np.asarray(head, np.int64)
+        if head.size and (head.min() < 0 or head.max() >= vocab_size or np.unique(head).size != head.size):
+            raise ValueError("id order head must hold distinct ids in [0, vocab_size)")
+        seen = np.zeros(vocab_size, bool)
+        seen[head] = True
+        self.head = head
+        self.vocab_size = vocab_size
+        self.order = np.concatenate([head, np.flatnonzero(~seen)]).astype(np.int32)
+        self.rank = np.empty(vocab_size, np.int32)
+        self.rank[self.order] = np.arange(vocab_size, dtype=np.int32)
+
+    @classmethod
+    def fit(cls, ids: np.ndarray, vocab_size: int) -> IdOrder:
+        ids = np.asarray(ids).ravel()
+        counts = np.bincount(ids[ids >= 0], minlength=vocab_size)
+        order = np.argsort(-counts, kind="stable")
+        return cls(order[: np.count_nonzero(counts)], vocab_size)
+
+    def to_bytes(self) -> np.ndarray:
+        return self.head.astype("<i4").view(np.uint8)
+
+    @classmethod
+    def from_bytes(cls, data: np.ndarray, vocab_size: int) -> IdOrder:
+        data = np.asarray(data, np.uint8)
+        if data.size % 4:
+            raise ValueError(f"id order of {data.size} bytes is not a whole number of int32")
+        return cls(data.view("<i4").astype(np.int64), vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Monotone rows: per row a non-decreasing sequence of non-negative integers → head + byte deltas.
+
+
+def _row_starts(lengths: np.ndarray) -> np.ndarray:
+    return np.cumsum(lengths) - lengths
+
+
+def _encode_monotone(q: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    nonempty = lengths > 0
+    starts = _row_starts(lengths)[nonempty]
+    deltas = np.diff(q, prepend=0)
+    is_start = np.zeros(q.size, bool)
+    is_start[starts] = True
+    deltas = deltas[~is_start]
+    escaped = deltas >= _ESCAPE
+    return {
+        "q_head": to_planes(q[starts]),
+        "q_delta": np.minimum(deltas, _ESCAPE).astype(np.uint8),
+        "q_escape": to_planes(deltas[escaped]),
+    }
+
+
+def _decode_monotone(streams: dict[str, np.ndarray], lengths: np.ndarray) -> np.ndarray:
+    total = int(lengths.sum())
+    nonempty = lengths > 0
+    n_rows = int(nonempty.sum())
+    heads = from_planes(streams["q_head"], n_rows)
+    deltas = np.asarray(streams["q_delta"], np.uint8).astype(np.int64)
+    if deltas.size != total - n_rows:
+        raise ValueError(f"q_delta holds {deltas.size} values, {total - n_rows} expected")
+    escaped = deltas == _ESCAPE
+    deltas[escaped] = from_planes(streams["q_escape"], int(escaped.sum()))
+    starts = _row_starts(lengths)[nonempty]
+    x = np.empty(total, np.int64)
+    is_start = np.zeros(total, bool)
+    is_start[starts] = True
+    x[is_start] = heads
+    x[~is_start] = deltas
+    c = np.cumsum(x)
+    return c - np.repeat(c[starts] - heads, lengths[nonempty])
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded (L, k) rows ↔ flat entries
+
+
+def _flatten(target_ids: np.ndarray, values: np.ndarray, descending: np.ndarray) -> tuple:
+    """Sort each row by ``descending`` (largest first; ties by id), padding last; drop padding."""
+    valid = target_ids >= 0
+    key = np.where(valid, -descending, np.inf)
+    perm = np.lexsort((np.where(valid, target_ids, 0), key), axis=-1)
+    ids = np.take_along_axis(target_ids, perm, -1)
+    vals = np.take_along_axis(values, perm, -1)
+    mask = np.take_along_axis(valid, perm, -1)
+    return valid.sum(-1), ids[mask], vals[mask]
+
+
+def _unflatten(lengths: np.ndarray, flat: np.ndarray, k: int, fill, dtype) -> np.ndarray:
+    if lengths.size and lengths.max() > k:
+        raise ValueError(f"a position holds {lengths.max()} entries, more than k={k}")
+    out = np.full((lengths.size, k), fill, dtype)
+    out[np.arange(k) < lengths[:, None]] = flat
+    return out
+
+
+def _encode_ids(lengths: np.ndarray, ids: np.ndarray, order: IdOrder) -> dict[str, np.ndarray]:
+    if ids.size and ids.max() >= order.vocab_size:
+        raise ValueError(f"target id {int(ids.max())} is not < vocab_size={order.vocab_size}")
+    return {"n_targets": to_planes(lengths), "target_codes": to_planes(order.rank[ids])}
+
+
+def _decode_ids(streams: dict[str, np.ndarray], n_positions: int, order: IdOrder) -> tuple:
+    lengths = from_planes(streams["n_targets"], n_positions)
+    codes = from_planes(streams["target_codes"], int(lengths.sum()))
+    if codes.size and codes.max() >= order.vocab_size:
+        raise ValueError(f"target code {int(codes.max())} is not < vocab_size={order.vocab_size}")
+    return lengths, order.order[codes]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public batch codec
+
+
+def tempered_head_mass(logprobs: np.ndarray, lognorm: np.ndarray, temperatures) -> np.ndarray:
+    """``Σ_i exp(lp_i/τ - n_τ)`` per row and temperature, float64; ``-inf`` log-probs mark padding."""
+    lp = np.asarray(logprobs, np.float64)[:, None, :]
+    tau = np.asarray(temperatures, np.float64)[None, :, None]
+    with np.errstate(under="ignore"):
+        return np.exp(lp / tau - np.asarray(lognorm, np.float64)[:, :, None]).sum(-1)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore", under="ignore"):
+        return (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
+
+
+def encode_topk(
+    target_ids: np.ndarray,
+    target_logprobs: np.ndarray,
+    lognorm: np.ndarray,
+    temperatures,
+    order: IdOrder,
+    params: CodecParams,
+) -> dict[str, np.ndarray]:
+    """Encode top-k rows: ids (L, k) with −1 padding, log-probs at T=1 (L, k), exact n_τ (L, n_temps)."""
+    ids = np.asarray(target_ids, np.int64)
+    lp = np.maximum(np.asarray(target_logprobs, np.float64), LOGPROB_FLOOR)
+    lognorm = np.asarray(lognorm, np.float64)
+    lengths, flat_ids, flat_lp = _flatten(ids, lp, lp)
+    q = np.rint(-flat_lp / params.logprob_step).astype(np.int64)
+    q = np.maximum(q, 0)
+    # Corrected normalisers: the head mass of the quantised log-probs equals the exact head mass,
+    # n̂_τ = n_τ + logsumexp(lp̂/τ) - logsumexp(lp/τ) (computed in log space: no underflow).
+    tau = np.asarray(temperatures, np.float64)[None, :, None]
+    exact = np.where(ids >= 0, lp, -np.inf)[:, None, :]
+    quant = _unflatten(lengths, -q * params.logprob_step, ids.shape[1], -np.inf, np.float64)[:, None, :]
+    corrected = lognorm + _logsumexp(quant / tau) - _logsumexp(exact / tau)
+    corrected = np.where(lengths[:, None] > 0, corrected, lognorm)
+    n_q = np.rint(corrected / params.lognorm_step).astype(np.int64)
+    streams = _encode_ids(lengths, flat_ids, order)
+    streams.update(_encode_monotone(q, lengths))
+    streams["lognorm"] = to_planes(zigzag(n_q.T))
+    return streams
+
+
+def decode_topk(streams, n_positions: int, k: int, n_temps: int, order: IdOrder, params: CodecParams):
+    """Decode → ids (L, k) int32 with −1 padding, log-probs (L, k) float32 (0 at padding), lognorm (L, n_temps)."""
+    lengths, flat_ids = _decode_ids(streams, n_positions, order)
+    q = _decode_monotone(streams, lengths)
+    n_q = unzigzag(from_planes(streams["lognorm"], n_positions * n_temps)).reshape(n_temps, n_positions).T
+    return (
+        _unflatten(lengths, flat_ids, k, -1, np.int32),
+        _unflatten(lengths, (-q * params.logprob_step).astype(np.float32), k, 0.0, np.float32),
+        (n_q * params.lognorm_step).astype(np.float32),
+    )
+
+
+def encode_sampled(target_ids: np.ndarray, counts: np.ndarray, samples: int, order: IdOrder) -> dict[str, np.ndarray]:
+    """Encode sampled rows: unique ids (L, k) with −1 padding and their counts out of ``samples`` draws."""
+    ids = np.asarray(target_ids, np.int64)
+    counts = np.asarray(counts, np.int64)
+    valid = ids >= 0
+    if np.any(valid & ((counts < 1) | (counts > samples))):
+        raise ValueError(f"sample counts must lie in [1, samples={samples}] for every id ≥ 0")
+    if np.any(counts.sum(-1, where=valid) > samples):
+        raise ValueError(f"a position's counts add up to more than samples={samples}")
+    lengths, flat_ids, flat_counts = _flatten(ids, counts, counts.astype(np.float64))
+    streams = _encode_ids(lengths, flat_ids, order)
+    streams.update(_encode_monotone(samples - flat_counts, lengths))
+    return streams
+
+
+def decode_sampled(streams, n_positions: int, k: int, samples: int, order: IdOrder):
+    """Decode → ids (L, k) int32 with −1 padding, counts (L, k) int32 (0 at padding)."""
+    lengths, flat_ids = _decode_ids(streams, n_positions, order)
+    counts = samples - _decode_monotone(streams, lengths)
+    if counts.size and (counts.min() < 1 or counts.max() > samples):
+        raise ValueError("decoded sample counts out of range")
+    return _unflatten(lengths, flat_ids, k, -1, np.int32), _unflatten(lengths, counts, k, 0, np.int32)
+
+
+def encode_tokens(values: np.ndarray) -> np.ndarray:
+    """Non-negative integers (token ids, lengths) → byte planes."""
+    values = np.asarray(values)
+    if values.size and values.min() < 0:
+        raise ValueError("token ids and lengths must be non-negative")
+    return to_planes(values)
+
+
+def decode_tokens(stream: np.ndarray, count: int) -> np.ndarray:
+    return from_planes(stream, count, np.int64)

@@ -1,0 +1,402 @@
+"""``CacheWriter``: append sequences and their teacher targets to a cache, shard by shard.
+
+Sequences are buffered into batches of about ``batch_tokens`` tokens (the unit of random access),
+encoded by :mod:`softcache.codec` and appended to the open shard; a shard is committed (renamed to
+its final name, then added to the manifest) once it holds ``shard_tokens`` tokens and when the writer
+closes. A writer killed at any moment leaves every committed shard readable; opening the same path
+again appends after them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import fsspec
+import numpy as np
+
+from . import __version__, codec
+from .format import (
+    BACKENDS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    CacheFormatError,
+    get_backend,
+    load_manifest,
+    save_manifest,
+)
+from .format.backend import join
+from .targets import sampled_targets, topk_targets
+
+_STREAMS = {
+    "topk": ["seq_lengths", "input_ids", "n_targets", "target_codes", "q_head", "q_delta", "q_escape", "lognorm"],
+    "sampled": ["seq_lengths", "input_ids", "n_targets", "target_codes", "q_head", "q_delta", "q_escape"],
+}
+_FIXED_KEYS = ("targets", "k", "vocab_size", "temperatures", "samples", "backend", "codec")
+
+
+def _to_numpy(x, name: str, dtype=None) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor on any device
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if dtype is not None and x.size:
+        if dtype == "int" and not np.issubdtype(x.dtype, np.integer):
+            raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
+        if dtype == "float" and not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"{name} must hold floats, got dtype {x.dtype}")
+    return x
+
+
+def open_fs(path_or_url: str, storage_options: dict | None = None):
+    fs, root = fsspec.core.url_to_fs(str(path_or_url), **(storage_options or {}))
+    return fs, root.rstrip("/") or "/"
+
+
+class CacheWriter:
+    """Write a softcache cache. Use as a context manager::
+
+        with softcache.CacheWriter("cache/", vocab_size=V, k=64, temperatures=(1.0, 2.0)) as w:
+            w.write_logits(input_ids, logits)
+
+    Args:
+        path_or_url: local directory or fsspec URL. A new or empty directory starts a cache; an existing
+            cache with the same settings is appended to; anything else is refused.
+        vocab_size: teacher vocabulary size V (the logits' last dimension).
+        k: top-k entries kept per position ("topk"), or the most unique ids per position ("sampled";
+            must be ≥ ``samples`` so that no sampled id is ever dropped).
+        targets: "topk" (exact top-k with normalisers) or "sampled" (Random-Sampling KD).
+        temperatures: capture temperatures. topk: log-normalisers are stored for each, so that tempered
+            distributions and their tail mass are exact at each. sampled: exactly one, the temperature
+            samples are drawn at.
+        samples: draws per position for "sampled" (e.g. 50).
+        backend: "arrow" or "zarr".
+        metadata: JSON-serialisable dict stored in the manifest (teacher identity, tokenizer, ...).
+        batch_tokens / shard_tokens: tokens per batch (unit of random access) and per shard (file).
+        logprob_step: quantisation step of stored log-probs in nats; decoded tempered log-probs are
+            within ``logprob_step / T`` of exact.
+        seed: seed of the sampled draws (each sequence draws from its own stream: deterministic and
+            independent of batching).
+        chunk_elements: the largest fp32 buffer ``write_logits`` materialises (rows × V).
+    """
+
+    def __init__(
+        self,
+        path_or_url,
+        *,
+        vocab_size: int,
+        k: int = 64,
+        targets: str = "topk",
+        temperatures: Sequence[float] = (1.0,),
+        samples: int | None = None,
+        backend: str = "arrow",
+        metadata: dict | None = None,
+        batch_tokens: int = 4096,
+        shard_tokens: int = 1 << 20,
+        logprob_step: float = 1.0 / 64,
+        seed: int = 0,
+        chunk_elements: int = 1 << 26,
+        storage_options: dict | None = None,
+    ) -> None:
+        self.settings = _check_settings(vocab_size, k, targets, temperatures, samples, backend, logprob_step)
+        if batch_tokens < 1 or shard_tokens < 1 or chunk_elements < 1:
+            raise ValueError("batch_tokens, shard_tokens and chunk_elements must be positive")
+        self.fs, self.root = open_fs(path_or_url, storage_options)
+        self.url = str(path_or_url)
+        self.backend = get_backend(backend)
+        self.params = codec.CodecParams(**self.settings["codec"])
+        self.batch_tokens, self.shard_tokens = batch_tokens, shard_tokens
+        self.seed, self.chunk_elements = seed, chunk_elements
+        self.manifest = self._open_manifest(metadata or {})
+        self._pending: list[tuple] = []  # (input_ids, target_ids, values, lognorm) per sequence
+        self._pending_tokens = 0
+        self._shard = None
+        self._shard_stats = [0, 0]  # sequences, tokens
+        self._order: codec.IdOrder | None = None
+        self._closed = False
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _open_manifest(self, metadata: dict) -> dict:
+        fs, root = self.fs, self.root
+        if fs.exists(join(root, MANIFEST_NAME)):
+            manifest = load_manifest(fs, root)
+            for key in _FIXED_KEYS:
+                if manifest.get(key) != self.settings[key]:
+                    raise CacheFormatError(
+                        f"{self.url} is a cache with {key}={manifest.get(key)!r}, not {self.settings[key]!r}; "
+                        "write to a new path, or delete the old cache to replace it"
+                    )
+            self._remove_uncommitted(manifest)
+            return manifest
+        if fs.exists(root) and fs.ls(root, detail=False):
+            raise CacheFormatError(
+                f"{self.url} exists, is not empty and is not a softcache cache; choose an empty or new directory"
+            )
+        fs.makedirs(root, exist_ok=True)
+        manifest = {
+            "format": "softcache",
+            "format_version": FORMAT_VERSION,
+            "softcache_version": __version__,
+            **self.settings,
+            "metadata": metadata,
+            "shards": [],
+        }
+        save_manifest(fs, root, manifest)
+        return manifest
+
+    def _remove_uncommitted(self, manifest: dict) -> None:
+        """Delete what a killed writer left behind: temporary files and shards the manifest never named."""
+        committed = {s["file"] for s in manifest["shards"]}
+        for path in self.fs.ls(self.root, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            leftover = name.startswith(".") and name.endswith(".tmp")
+            orphan = name.startswith("shard-") and name.endswith(self.backend.suffix) and name not in committed
+            if leftover or orphan:
+                self.fs.rm(path, recursive=True)
+
+    # -- public writing API --------------------------------------------------------------------
+
+    def write_logits(self, input_ids, logits, attention_mask=None) -> None:
+        """Add sequences from the teacher's logits.
+
+        ``input_ids`` (L,) with ``logits`` (L, V), or (B, L) with (B, L, V) and optionally
+        ``attention_mask`` (B, L) (positions with mask 0 are dropped). torch tensors on any device or
+        numpy arrays. Top-k, normalisers and samples are computed on the logits' device in row chunks,
+        so no fp32 buffer larger than ``chunk_elements`` is created.
+        """
+        self._check_open()
+        s = self.settings
+        ids, rows = _split_batch(input_ids, logits, attention_mask, s["vocab_size"])
+        for seq_ids, seq_logits in zip(ids, rows, strict=True):
+            where = f"sequence {self.num_sequences + len(self._pending)}"
+            if s["targets"] == "topk":
+                t_ids, t_lp, lognorm = topk_targets(seq_logits, s["k"], s["temperatures"], self.chunk_elements, where)
+                self._add(seq_ids, t_ids, t_lp, lognorm)
+            else:
+                t_ids, counts = sampled_targets(
+                    seq_logits,
+                    s["k"],
+                    s["temperatures"][0],
+                    s["samples"],
+                    seed=(self.seed, self.num_sequences + len(self._pending)),
+                    chunk_elements=self.chunk_elements,
+                    where=where,
+                )
+                self._add(seq_ids, t_ids, counts, None)
+
+    def write_targets(self, input_ids, target_ids, target_logprobs=None, lognorm=None, counts=None) -> None:
+        """Add one sequence from precomputed targets.
+
+        topk: ``target_ids`` (L, k') with k' ≤ k and −1 padding, ``target_logprobs`` (L, k') teacher
+        log-probs at T=1, ``lognorm`` (L, n_temps) the exact n_τ (may be omitted when the only captured
+        temperature is 1). sampled: ``target_ids`` and ``counts`` (L, k').
+        """
+        self._check_open()
+        s = self.settings
+        input_ids = _to_numpy(input_ids, "input_ids", "int")
+        target_ids = _to_numpy(target_ids, "target_ids", "int")
+        length = _check_sequence(input_ids, s["vocab_size"])
+        if target_ids.ndim != 2 or target_ids.shape[0] != length or target_ids.shape[1] > s["k"]:
+            raise ValueError(f"target_ids must have shape ({length}, ≤{s['k']}), got {tuple(target_ids.shape)}")
+        if target_ids.size and (target_ids.min() < -1 or target_ids.max() >= s["vocab_size"]):
+            raise ValueError(f"target_ids must lie in [-1, vocab_size={s['vocab_size']}); -1 marks padding")
+        if s["targets"] == "sampled":
+            if counts is None:
+                raise ValueError("sampled caches need counts= (the number of draws of each target id)")
+            counts = _to_numpy(counts, "counts", "int")
+            _same_shape(counts, target_ids, "counts")
+            self._add(input_ids, target_ids, counts, None)
+            return
+        if target_logprobs is None:
+            raise ValueError("top-k caches need target_logprobs (teacher log-probs at temperature 1)")
+        lp = _to_numpy(target_logprobs, "target_logprobs", "float").astype(np.float64)
+        _same_shape(lp, target_ids, "target_logprobs")
+        real = target_ids >= 0
+        if np.isnan(lp[real]).any() or (lp[real] > 1e-4).any():
+            raise ValueError("target_logprobs must be log-probabilities (≤ 0, not NaN) at every id ≥ 0")
+        if lognorm is None:
+            if s["temperatures"] != [1.0]:
+                raise ValueError(
+                    f"lognorm (L, {len(s['temperatures'])}) is required for temperatures {s['temperatures']}: "
+                    "n_τ = logsumexp(z/τ) − logsumexp(z)/τ from the full logits"
+                )
+            lognorm = np.zeros((length, 1))
+        lognorm = _to_numpy(lognorm, "lognorm", "float").astype(np.float64)
+        if lognorm.shape != (length, len(s["temperatures"])) or not np.isfinite(lognorm).all():
+            raise ValueError(f"lognorm must be finite with shape ({length}, {len(s['temperatures'])})")
+        self._add(input_ids, target_ids, np.minimum(lp, 0.0), lognorm)
+
+    # -- buffering, encoding, commits ------------------------------------------------------------
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences committed or buffered so far (the index the next sequence will have, minus buffered)."""
+        return sum(s["sequences"] for s in self.manifest["shards"]) + self._shard_stats[0]
+
+    def _add(self, input_ids, target_ids, values, lognorm) -> None:
+        k = self.settings["k"]
+        pad = k - target_ids.shape[1]
+        if pad:
+            target_ids = np.pad(target_ids, ((0, 0), (0, pad)), constant_values=-1)
+            values = np.pad(values, ((0, 0), (0, pad)))
+        self._pending.append((np.asarray(input_ids, np.int64), target_ids, values, lognorm))
+        self._pending_tokens += len(input_ids)
+        if self._pending_tokens >= self.batch_tokens:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        if not self._pending:
+            return
+        s = self.settings
+        seqs, self._pending, self._pending_tokens = self._pending, [], 0
+        input_ids = np.concatenate([p[0] for p in seqs])
+        target_ids = np.concatenate([p[1] for p in seqs])
+        values = np.concatenate([p[2] for p in seqs])
+        if self._shard is None:
+            self._open_shard(target_ids)
+        streams = {
+            "seq_lengths": codec.encode_tokens([len(p[0]) for p in seqs]),
+            "input_ids": codec.encode_tokens(input_ids),
+        }
+        if s["targets"] == "topk":
+            lognorm = np.concatenate([p[3] for p in seqs])
+            streams.update(codec.encode_topk(target_ids, values, lognorm, s["temperatures"], self._order, self.params))
+        else:
+            streams.update(codec.encode_sampled(target_ids, values, s["samples"], self._order))
+        self._shard.write_batch(streams, len(seqs))
+        self._shard_stats[0] += len(seqs)
+        self._shard_stats[1] += len(input_ids)
+        if self._shard_stats[1] >= self.shard_tokens:
+            self._commit_shard()
+
+    def _open_shard(self, first_targets: np.ndarray) -> None:
+        self._order = codec.IdOrder.fit(first_targets, self.settings["vocab_size"])
+        name = f"shard-{len(self.manifest['shards']):05d}{self.backend.suffix}"
+        header = {"id_order": self._order.to_bytes()}
+        self._shard = self.backend.create(self.fs, self.root, name, header, _STREAMS[self.settings["targets"]])
+
+    def _commit_shard(self) -> None:
+        shard, self._shard = self._shard, None
+        size, digest = shard.commit()
+        sequences, tokens = self._shard_stats
+        self._shard_stats = [0, 0]
+        entry = {"file": shard.name, "sequences": sequences, "tokens": tokens, "bytes": size, "sha256": digest}
+        entry["batches"] = shard.batches
+        self.manifest["shards"].append(entry)
+        save_manifest(self.fs, self.root, self.manifest)
+
+    def flush(self) -> None:
+        """Encode buffered sequences and commit the open shard (a smaller shard than usual)."""
+        self._check_open()
+        self._flush_batch()
+        if self._shard is not None:
+            self._commit_shard()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+
+    def abort(self) -> None:
+        """Drop buffered sequences and the open shard; committed shards stay."""
+        self._pending, self._pending_tokens = [], 0
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
+        self._shard_stats = [0, 0]
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"CacheWriter for {self.url} is closed")
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # On an error, sequences already accepted are valid: commit them so a rerun can continue.
+        self.close()
+
+
+# -- argument checking -----------------------------------------------------------------------------
+
+
+def _check_settings(vocab_size, k, targets, temperatures, samples, backend, logprob_step) -> dict:
+    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= vocab_size:
+        raise ValueError(f"k must be an integer in [1, vocab_size={vocab_size}], got {k!r}")
+    if targets not in ("topk", "sampled"):
+        raise ValueError(f"targets must be 'topk' or 'sampled', got {targets!r}")
+    temps = [float(t) for t in (temperatures if isinstance(temperatures, Sequence) else [temperatures])]
+    if not temps or any(not (math.isfinite(t) and t > 0) for t in temps) or len(set(temps)) != len(temps):
+        raise ValueError(f"temperatures must be distinct positive numbers, got {temperatures!r}")
+    if targets == "topk":
+        if samples is not None:
+            raise ValueError("samples= only applies to targets='sampled'")
+    else:
+        if not isinstance(samples, (int, np.integer)) or samples < 1:
+            raise ValueError(f"targets='sampled' needs samples= a positive integer, got {samples!r}")
+        if len(temps) != 1:
+            raise ValueError(f"sampled targets are drawn at one temperature; got temperatures={temps}")
+        if k < min(samples, vocab_size):
+            raise ValueError(
+                f"k={k} < samples={samples}: a position can draw up to {min(samples, vocab_size)} unique ids; "
+                f"set k ≥ {min(samples, vocab_size)} (storage is per id actually drawn, so a large k costs nothing)"
+            )
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return {
+        "targets": targets,
+        "k": int(k),
+        "vocab_size": int(vocab_size),
+        "temperatures": temps,
+        "samples": None if samples is None else int(samples),
+        "backend": backend,
+        "codec": codec.CodecParams(logprob_step=logprob_step).to_dict(),
+    }
+
+
+def _check_sequence(input_ids: np.ndarray, vocab_size: int) -> int:
+    if input_ids.ndim != 1:
+        raise ValueError(f"input_ids must be 1-D (one sequence), got shape {tuple(input_ids.shape)}")
+    if input_ids.size == 0:
+        raise ValueError("empty sequence: input_ids has no tokens")
+    if input_ids.min() < 0:
+        raise ValueError(f"input_ids must be non-negative token ids, found {int(input_ids.min())}")
+    return int(input_ids.shape[0])
+
+
+def _same_shape(x: np.ndarray, like: np.ndarray, name: str) -> None:
+    if x.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of target_ids {tuple(like.shape)}, got {tuple(x.shape)}")
+
+
+def _split_batch(input_ids, logits, attention_mask, vocab_size):
+    """Yield (input_ids (L,), logits (L, V)) per sequence; logits stay on their device."""
+    ids = _to_numpy(input_ids, "input_ids", "int")
+    if ids.ndim == 1:
+        ids, logits = ids[None], logits[None]
+        if attention_mask is not None:
+            attention_mask = _to_numpy(attention_mask, "attention_mask")[None]
+    if ids.ndim != 2 or tuple(logits.shape[:2]) != ids.shape or logits.ndim != 3:
+        raise ValueError(
+            f"expected input_ids (L,) with logits (L, V), or (B, L) with (B, L, V); "
+            f"got {tuple(ids.shape)} and {tuple(logits.shape)}"
+        )
+    if logits.shape[-1] != vocab_size:
+        raise ValueError(f"logits have {logits.shape[-1]} classes, the cache vocab_size is {vocab_size}")
+    if attention_mask is not None:
+        attention_mask = _to_numpy(attention_mask, "attention_mask")
+        if attention_mask.shape != ids.shape:
+            raise ValueError(f"attention_mask must have shape {ids.shape}, got {attention_mask.shape}")
+    out_ids, out_rows = [], []
+    for b in range(ids.shape[0]):
+        keep = np.flatnonzero(attention_mask[b]) if attention_mask is not None else np.arange(ids.shape[1])
+        _check_sequence(ids[b, keep], vocab_size)
+        out_ids.append(ids[b, keep])
+        out_rows.append(logits[b, keep] if len(keep) != ids.shape[1] else logits[b])
+    return out_ids, out_rows
