@@ -110,7 +110,7 @@ class CacheWriter:
         self._pending: list[tuple] = []  # (input_ids, target_ids, values, lognorm) per sequence
         self._pending_tokens = 0
         self._shard = None
-        self._shard_stats = [0, 0]  # sequences, tokens
+        self._shard_stats = [0, 0, 0]  # sequences, tokens, target entries
         self._order: codec.IdOrder | None = None
         self._closed = False
 
@@ -266,24 +266,60 @@ class CacheWriter:
         self._shard.write_batch(streams, len(seqs))
         self._shard_stats[0] += len(seqs)
         self._shard_stats[1] += len(input_ids)
+        self._shard_stats[2] += int(np.count_nonzero(target_ids >= 0))
         if self._shard_stats[1] >= self.shard_tokens:
             self._commit_shard()
 
     def _open_shard(self, first_targets: np.ndarray) -> None:
         self._order = codec.IdOrder.fit(first_targets, self.settings["vocab_size"])
-        name = f"shard-{len(self.manifest['shards']):05d}{self.backend.suffix}"
         header = {"id_order": self._order.to_bytes()}
-        self._shard = self.backend.create(self.fs, self.root, name, header, _STREAMS[self.settings["targets"]])
+        self._shard = self.backend.create(self.fs, self.root, self._next_shard_name(), header, self._streams)
+
+    def _next_shard_name(self) -> str:
+        return f"shard-{len(self.manifest['shards']):05d}{self.backend.suffix}"
+
+    @property
+    def _streams(self) -> list[str]:
+        return _STREAMS[self.settings["targets"]]
 
     def _commit_shard(self) -> None:
         shard, self._shard = self._shard, None
+        sequences, tokens, entries = self._shard_stats
+        self._shard_stats = [0, 0, 0]
+        self._append_shard_entry(shard, sequences, tokens, entries)
+
+    def _append_shard_entry(self, shard, sequences: int, tokens: int, entries: int) -> None:
         size, digest = shard.commit()
-        sequences, tokens = self._shard_stats
-        self._shard_stats = [0, 0]
-        entry = {"file": shard.name, "sequences": sequences, "tokens": tokens, "bytes": size, "sha256": digest}
-        entry["batches"] = shard.batches
-        self.manifest["shards"].append(entry)
+        self.manifest["shards"].append(
+            {
+                "file": shard.name,
+                "sequences": sequences,
+                "tokens": tokens,
+                "entries": entries,
+                "bytes": size,
+                "sha256": digest,
+                "batches": shard.batches,
+            }
+        )
         save_manifest(self.fs, self.root, self.manifest)
+
+    def copy_shard(self, header: dict, batches, entry: dict) -> None:
+        """Append an already-encoded shard (its header and ``(sequences, streams)`` batches) unchanged.
+
+        For tools that move shards between backends without re-encoding (``softcache convert``); the
+        writer must have nothing buffered.
+        """
+        self._check_open()
+        if self._pending or self._shard is not None:
+            raise RuntimeError("copy_shard needs a writer with nothing buffered; call flush() first")
+        shard = self.backend.create(self.fs, self.root, self._next_shard_name(), header, self._streams)
+        try:
+            for n_seqs, streams in batches:
+                shard.write_batch(streams, n_seqs)
+        except BaseException:
+            shard.abort()
+            raise
+        self._append_shard_entry(shard, entry["sequences"], entry["tokens"], entry.get("entries", 0))
 
     def flush(self) -> None:
         """Encode buffered sequences and commit the open shard (a smaller shard than usual)."""
@@ -306,7 +342,7 @@ class CacheWriter:
         if self._shard is not None:
             self._shard.abort()
             self._shard = None
-        self._shard_stats = [0, 0]
+        self._shard_stats = [0, 0, 0]
         self._closed = True
 
     def _check_open(self) -> None:

@@ -1,0 +1,140 @@
+"""The ``softcache`` command: a thin layer over the library (no logic lives here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from softcache import __version__
+
+_EXPECTED = (ValueError, TypeError, OSError, RuntimeError)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _run(fn, *args, **kwargs):
+    """Call the library; expected failures become one clear line and exit code 1."""
+    try:
+        return fn(*args, **kwargs)
+    except _EXPECTED as e:
+        _fail(str(e) or type(e).__name__)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="softcache")
+def main() -> None:
+    """softcache: run a teacher once, keep a compact exact record of its next-token distributions,
+    and distil students from it.
+
+    \b
+    softcache build            build a cache (no arguments: the demo cache)
+    softcache info PATH        what a cache holds, bytes per token
+    softcache verify PATH      check every shard's checksum and structure
+    softcache convert SRC DST  copy a cache to the other backend, losslessly
+    softcache stats PATH       teacher mass, tail mass and entropy histograms
+    """
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(path: str, as_json: bool) -> None:
+    """Summarise the cache at PATH (a directory or fsspec URL)."""
+    from softcache import open_cache
+    from softcache.tools import summary
+
+    cache = _run(open_cache, path)
+    s = summary(cache)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+        return
+    width = max(map(len, s))
+    for key, value in s.items():
+        click.echo(f"{key:<{width}}  {_fmt(value)}")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--no-decode", is_flag=True, help="Only checksums and batch CRCs; skip decoding every batch.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def verify(path: str, no_decode: bool, quiet: bool) -> None:
+    """Check every shard of PATH: presence, size and SHA-256 against the manifest, each batch's CRC,
+    and that every batch decodes. Exit 1, naming each damaged shard, on any problem."""
+    from softcache.tools import verify as verify_cache
+
+    progress = None if quiet else (lambda i, name: click.echo(f"checking {name}", err=True))
+    report = _run(verify_cache, path, decode=not no_decode, progress=progress)
+    for name, problem in report.problems:
+        click.echo(f"{name}: {problem}", err=True)
+    if not report.ok:
+        _fail(f"{len(report.problems)} of {report.shards_checked} shards damaged in {path}")
+    click.echo(f"ok: {report.shards_checked} shards, {report.batches_checked} batches verified")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--backend", type=click.Choice(["arrow", "zarr"]), required=True, help="Backend of the new cache.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def convert(src: str, dst: str, backend: str, quiet: bool) -> None:
+    """Copy the cache SRC to a new cache DST stored with --backend, without re-encoding (lossless)."""
+    from softcache.tools import convert as convert_cache
+
+    progress = None if quiet else (lambda i, name: click.echo(f"copying {name}", err=True))
+    out = _run(convert_cache, src, dst, backend, progress=progress)
+    click.echo(f"wrote {dst}: {len(out):,} sequences, {out.num_tokens:,} tokens, {out.num_bytes:,} bytes ({backend})")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--temperature", type=float, default=None, help="A captured temperature (default: the first).")
+@click.option("--max-tokens", type=int, default=1_000_000, show_default=True, help="Positions to read at most.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also write histograms to this PNG.")
+def stats(path: str, temperature: float | None, max_tokens: int, plot_path: str | None) -> None:
+    """Histograms of the teacher's mass in the stored ids, the tail mass and the entropy per position."""
+    from softcache import open_cache
+    from softcache.tools import describe, plot_stats, position_stats, text_histogram
+
+    cache = _run(open_cache, path)
+    st = _run(position_stats, cache, temperature, max_tokens)
+    t = cache.temperatures[0] if temperature is None else temperature
+    click.echo(f"{path}: {len(st['mass']):,} positions at T={t}")
+    for key, label, lo, hi in (
+        ("mass", "teacher mass in stored ids", 0.0, 1.0),
+        ("tail_mass", "tail mass", 0.0, 1.0),
+        ("entropy", "entropy (nats, tail as one bin)", None, None),
+        ("entries", "entries per position", None, None),
+    ):
+        d = describe(st[key].astype(float))
+        click.echo(f"\n{label}: " + "  ".join(f"{k}={v:.4g}" for k, v in d.items()))
+        for line in text_histogram(st[key].astype(float), lo=lo, hi=hi):
+            click.echo("  " + line)
+    if plot_path:
+        _run(plot_stats, st, plot_path, f"{path} (T={t})")
+        click.echo(f"\nplot written to {plot_path}")
+
+
+@main.command()
+def build() -> None:
+    """Run a teacher over a dataset and write a cache (the teacher pass)."""
+    _fail("`softcache build` (the teacher pass) is not part of this release yet; write caches with "
+          "softcache.CacheWriter(...).write_logits(...) meanwhile")
+
+
+if __name__ == "__main__":
+    main()
