@@ -41,10 +41,10 @@ class CodecParams:
     lognorm_step: float = 2.0**-20
 
     def __post_init__(self) -> None:
-        for name in ("logprob_step", "lognorm_step"):
+        for name, low in (("logprob_step", 1e-4), ("lognorm_step", 1e-9)):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 < v <= 1):
-                raise ValueError(f"codec parameter {name}={v!r} must be a number in (0, 1]")
+            if not (isinstance(v, (int, float)) and low <= v <= 1):
+                raise ValueError(f"codec parameter {name}={v!r} must be a number in [{low:g}, 1]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,9 +79,20 @@ def from_planes(stream: np.ndarray, count: int, dtype=np.int64) -> np.ndarray:
     width, rem = divmod(stream.size, count)
     if rem or not 1 <= width <= 8:
         raise ValueError(f"stream of {stream.size} bytes cannot hold {count} values")
+    planes = stream.reshape(width, count)
+    if width <= 4 and np.dtype(dtype).itemsize >= 4:
+        out = planes[0].astype(np.uint32)
+        for b in range(1, width):
+            out |= planes[b].astype(np.uint32) << np.uint32(8 * b)
+        if width == 4 and np.dtype(dtype) == np.int32 and out.max() > np.iinfo(np.int32).max:
+            raise ValueError("stream value does not fit int32")
+        return out.astype(dtype, copy=False)
     wide = np.zeros((count, 8), np.uint8)
-    wide[:, :width] = stream.reshape(width, count).T
-    return wide.view(np.uint64).ravel().astype(dtype, copy=False)
+    wide[:, :width] = planes.T
+    out = wide.view(np.uint64).ravel()
+    if np.dtype(dtype).itemsize < 8 and out.max() > np.iinfo(dtype).max:
+        raise ValueError(f"stream value does not fit {np.dtype(dtype)}")
+    return out.astype(dtype, copy=False)
 
 
 def zigzag(x: np.ndarray) -> np.ndarray:
@@ -136,95 +147,92 @@ class IdOrder:
 
 
 # ---------------------------------------------------------------------------------------------
-# Monotone rows: per row a non-decreasing sequence of non-negative integers → head + byte deltas.
+# Rows: padded (L, k) arrays, entries first and padding (id −1) last. The streams hold the entries
+# only, row-major; a row's entry count is stored once. Full rows (no padding) take fast paths.
 
 
-def _row_starts(lengths: np.ndarray) -> np.ndarray:
-    return np.cumsum(lengths) - lengths
+def _sort_rows(ids: np.ndarray, values: np.ndarray) -> tuple:
+    """Each row in descending ``values`` order (stable), padding last → ids, values, lengths, mask."""
+    valid = ids >= 0
+    lengths = valid.sum(-1)
+    mask = np.arange(ids.shape[1]) < lengths[:, None]
+    if not (np.array_equal(valid, mask) and not np.any(np.diff(values, axis=-1)[mask[:, 1:]] > 0)):
+        perm = np.argsort(np.where(valid, -values, np.inf), axis=-1, kind="stable")
+        ids = np.take_along_axis(ids, perm, -1)
+        values = np.take_along_axis(values, perm, -1)
+    return ids, values, lengths, mask
 
 
-def _encode_monotone(q: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
-    nonempty = lengths > 0
-    starts = _row_starts(lengths)[nonempty]
-    deltas = np.diff(q, prepend=0)
-    is_start = np.zeros(q.size, bool)
-    is_start[starts] = True
-    deltas = deltas[~is_start]
+def _entries(rows: np.ndarray, mask: np.ndarray, full: bool) -> np.ndarray:
+    return rows.ravel() if full else rows[mask]
+
+
+def _rows(entries: np.ndarray, mask: np.ndarray, full: bool, fill, dtype) -> np.ndarray:
+    if full:
+        return entries.astype(dtype, copy=False).reshape(mask.shape)
+    out = np.full(mask.shape, fill, dtype)
+    out[mask] = entries
+    return out
+
+
+def _encode_monotone(q: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of non-decreasing non-negative integers → one head per non-empty row + byte deltas."""
+    deltas = np.diff(q, axis=1)[mask[:, 1:]]
     escaped = deltas >= _ESCAPE
     return {
-        "q_head": to_planes(q[starts]),
+        "q_head": to_planes(q[lengths > 0, 0]),
         "q_delta": np.minimum(deltas, _ESCAPE).astype(np.uint8),
         "q_escape": to_planes(deltas[escaped]),
     }
 
 
-def _decode_monotone(streams: dict[str, np.ndarray], lengths: np.ndarray) -> np.ndarray:
-    total = int(lengths.sum())
+def _decode_monotone(streams: dict[str, np.ndarray], lengths: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """→ (L, k) int32; padding slots repeat their row's last value (callers mask them)."""
     nonempty = lengths > 0
     n_rows = int(nonempty.sum())
-    heads = from_planes(streams["q_head"], n_rows)
-    deltas = np.asarray(streams["q_delta"], np.uint8).astype(np.int64)
-    if deltas.size != total - n_rows:
-        raise ValueError(f"q_delta holds {deltas.size} values, {total - n_rows} expected")
+    heads = from_planes(streams["q_head"], n_rows, np.int32)
+    deltas = np.asarray(streams["q_delta"], np.uint8)
+    n_deltas = int(lengths.sum()) - n_rows
+    if deltas.size != n_deltas:
+        raise ValueError(f"q_delta holds {deltas.size} values, {n_deltas} expected")
+    rows = np.zeros(mask.shape, np.int32)
     escaped = deltas == _ESCAPE
-    deltas[escaped] = from_planes(streams["q_escape"], int(escaped.sum()))
-    starts = _row_starts(lengths)[nonempty]
-    x = np.empty(total, np.int64)
-    is_start = np.zeros(total, bool)
-    is_start[starts] = True
-    x[is_start] = heads
-    x[~is_start] = deltas
-    c = np.cumsum(x)
-    return c - np.repeat(c[starts] - heads, lengths[nonempty])
+    deltas = deltas.astype(np.int32)
+    if escaped.any():
+        deltas[escaped] = from_planes(streams["q_escape"], int(escaped.sum()), np.int32)
+    elif streams["q_escape"].size:
+        raise ValueError("q_escape holds values but no delta is escaped")
+    if n_rows == mask.shape[0] and n_deltas == mask.size - n_rows:  # full rows
+        rows[:, 0] = heads
+        rows[:, 1:] = deltas.reshape(mask.shape[0], -1)
+    else:
+        rows[nonempty, 0] = heads
+        rows[:, 1:][mask[:, 1:]] = deltas
+    return np.cumsum(rows, axis=1, dtype=np.int32)
 
 
-# ---------------------------------------------------------------------------------------------
-# Padded (L, k) rows ↔ flat entries
+def _encode_ids(ids: np.ndarray, lengths: np.ndarray, mask: np.ndarray, order: IdOrder) -> dict[str, np.ndarray]:
+    flat = _entries(ids, mask, bool(lengths.min(initial=1) == ids.shape[1]))
+    if flat.size and flat.max() >= order.vocab_size:
+        raise ValueError(f"target id {int(flat.max())} is not < vocab_size={order.vocab_size}")
+    return {"n_targets": to_planes(lengths), "target_codes": to_planes(order.rank[flat])}
 
 
-def _flatten(target_ids: np.ndarray, values: np.ndarray, descending: np.ndarray) -> tuple:
-    """Sort each row by ``descending`` (largest first; ties by id), padding last; drop padding."""
-    valid = target_ids >= 0
-    key = np.where(valid, -descending, np.inf)
-    perm = np.lexsort((np.where(valid, target_ids, 0), key), axis=-1)
-    ids = np.take_along_axis(target_ids, perm, -1)
-    vals = np.take_along_axis(values, perm, -1)
-    mask = np.take_along_axis(valid, perm, -1)
-    return valid.sum(-1), ids[mask], vals[mask]
-
-
-def _unflatten(lengths: np.ndarray, flat: np.ndarray, k: int, fill, dtype) -> np.ndarray:
+def _decode_ids(streams: dict[str, np.ndarray], n_positions: int, k: int, order: IdOrder) -> tuple:
+    """→ ids (L, k) int32 with −1 padding, lengths (L,), mask (L, k), full (no padding at all)."""
+    lengths = from_planes(streams["n_targets"], n_positions, np.int32)
     if lengths.size and lengths.max() > k:
         raise ValueError(f"a position holds {lengths.max()} entries, more than k={k}")
-    out = np.full((lengths.size, k), fill, dtype)
-    out[np.arange(k) < lengths[:, None]] = flat
-    return out
-
-
-def _encode_ids(lengths: np.ndarray, ids: np.ndarray, order: IdOrder) -> dict[str, np.ndarray]:
-    if ids.size and ids.max() >= order.vocab_size:
-        raise ValueError(f"target id {int(ids.max())} is not < vocab_size={order.vocab_size}")
-    return {"n_targets": to_planes(lengths), "target_codes": to_planes(order.rank[ids])}
-
-
-def _decode_ids(streams: dict[str, np.ndarray], n_positions: int, order: IdOrder) -> tuple:
-    lengths = from_planes(streams["n_targets"], n_positions)
-    codes = from_planes(streams["target_codes"], int(lengths.sum()))
-    if codes.size and codes.max() >= order.vocab_size:
+    mask = np.arange(k) < lengths[:, None]
+    full = bool(lengths.min(initial=k) == k)
+    codes = from_planes(streams["target_codes"], int(lengths.sum()), np.int32)
+    if codes.size and (codes.max() >= order.vocab_size):
         raise ValueError(f"target code {int(codes.max())} is not < vocab_size={order.vocab_size}")
-    return lengths, order.order[codes]
+    return _rows(order.order[codes], mask, full, -1, np.int32), lengths, mask, full
 
 
 # ---------------------------------------------------------------------------------------------
 # Public batch codec
-
-
-def tempered_head_mass(logprobs: np.ndarray, lognorm: np.ndarray, temperatures) -> np.ndarray:
-    """``Σ_i exp(lp_i/τ - n_τ)`` per row and temperature, float64; ``-inf`` log-probs mark padding."""
-    lp = np.asarray(logprobs, np.float64)[:, None, :]
-    tau = np.asarray(temperatures, np.float64)[None, :, None]
-    with np.errstate(under="ignore"):
-        return np.exp(lp / tau - np.asarray(lognorm, np.float64)[:, :, None]).sum(-1)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -243,36 +251,33 @@ def encode_topk(
     params: CodecParams,
 ) -> dict[str, np.ndarray]:
     """Encode top-k rows: ids (L, k) with −1 padding, log-probs at T=1 (L, k), exact n_τ (L, n_temps)."""
-    ids = np.asarray(target_ids, np.int64)
     lp = np.maximum(np.asarray(target_logprobs, np.float64), LOGPROB_FLOOR)
-    lognorm = np.asarray(lognorm, np.float64)
-    lengths, flat_ids, flat_lp = _flatten(ids, lp, lp)
-    q = np.rint(-flat_lp / params.logprob_step).astype(np.int64)
-    q = np.maximum(q, 0)
+    ids, lp, lengths, mask = _sort_rows(np.asarray(target_ids, np.int64), lp)
+    q = np.where(mask, np.maximum(np.rint(-lp / params.logprob_step), 0), 0).astype(np.int32)
     # Corrected normalisers: the head mass of the quantised log-probs equals the exact head mass,
-    # n̂_τ = n_τ + logsumexp(lp̂/τ) - logsumexp(lp/τ) (computed in log space: no underflow).
+    # n̂_τ = n_τ + logsumexp(lp̂/τ) − logsumexp(lp/τ) (in log space: no underflow).
+    lognorm = np.asarray(lognorm, np.float64)
     tau = np.asarray(temperatures, np.float64)[None, :, None]
-    exact = np.where(ids >= 0, lp, -np.inf)[:, None, :]
-    quant = _unflatten(lengths, -q * params.logprob_step, ids.shape[1], -np.inf, np.float64)[:, None, :]
-    corrected = lognorm + _logsumexp(quant / tau) - _logsumexp(exact / tau)
+    exact = np.where(mask, lp, -np.inf)[:, None, :]
+    quant = np.where(mask, q * -params.logprob_step, -np.inf)[:, None, :]
+    with np.errstate(invalid="ignore"):  # empty rows: −inf − −inf, replaced just below
+        corrected = lognorm + _logsumexp(quant / tau) - _logsumexp(exact / tau)
     corrected = np.where(lengths[:, None] > 0, corrected, lognorm)
     n_q = np.rint(corrected / params.lognorm_step).astype(np.int64)
-    streams = _encode_ids(lengths, flat_ids, order)
-    streams.update(_encode_monotone(q, lengths))
+    streams = _encode_ids(ids, lengths, mask, order)
+    streams.update(_encode_monotone(q, lengths, mask))
     streams["lognorm"] = to_planes(zigzag(n_q.T))
     return streams
 
 
 def decode_topk(streams, n_positions: int, k: int, n_temps: int, order: IdOrder, params: CodecParams):
     """Decode → ids (L, k) int32 with −1 padding, log-probs (L, k) float32 (0 at padding), lognorm (L, n_temps)."""
-    lengths, flat_ids = _decode_ids(streams, n_positions, order)
-    q = _decode_monotone(streams, lengths)
+    ids, lengths, mask, full = _decode_ids(streams, n_positions, k, order)
+    lp = _decode_monotone(streams, lengths, mask) * np.float32(-params.logprob_step)
+    if not full:
+        lp[~mask] = 0.0
     n_q = unzigzag(from_planes(streams["lognorm"], n_positions * n_temps)).reshape(n_temps, n_positions).T
-    return (
-        _unflatten(lengths, flat_ids, k, -1, np.int32),
-        _unflatten(lengths, (-q * params.logprob_step).astype(np.float32), k, 0.0, np.float32),
-        (n_q * params.lognorm_step).astype(np.float32),
-    )
+    return ids, lp, (n_q * params.lognorm_step).astype(np.float32)
 
 
 def encode_sampled(target_ids: np.ndarray, counts: np.ndarray, samples: int, order: IdOrder) -> dict[str, np.ndarray]:
@@ -284,19 +289,19 @@ def encode_sampled(target_ids: np.ndarray, counts: np.ndarray, samples: int, ord
         raise ValueError(f"sample counts must lie in [1, samples={samples}] for every id ≥ 0")
     if np.any(counts.sum(-1, where=valid) > samples):
         raise ValueError(f"a position's counts add up to more than samples={samples}")
-    lengths, flat_ids, flat_counts = _flatten(ids, counts, counts.astype(np.float64))
-    streams = _encode_ids(lengths, flat_ids, order)
-    streams.update(_encode_monotone(samples - flat_counts, lengths))
+    ids, counts, lengths, mask = _sort_rows(ids, counts)
+    streams = _encode_ids(ids, lengths, mask, order)
+    streams.update(_encode_monotone(np.where(mask, samples - counts, 0).astype(np.int32), lengths, mask))
     return streams
 
 
 def decode_sampled(streams, n_positions: int, k: int, samples: int, order: IdOrder):
     """Decode → ids (L, k) int32 with −1 padding, counts (L, k) int32 (0 at padding)."""
-    lengths, flat_ids = _decode_ids(streams, n_positions, order)
-    counts = samples - _decode_monotone(streams, lengths)
-    if counts.size and (counts.min() < 1 or counts.max() > samples):
+    ids, lengths, mask, _ = _decode_ids(streams, n_positions, k, order)
+    counts = np.where(mask, samples - _decode_monotone(streams, lengths, mask), 0).astype(np.int32)
+    if np.any(mask & ((counts < 1) | (counts > samples))):
         raise ValueError("decoded sample counts out of range")
-    return _unflatten(lengths, flat_ids, k, -1, np.int32), _unflatten(lengths, counts, k, 0, np.int32)
+    return ids, counts
 
 
 def encode_tokens(values: np.ndarray) -> np.ndarray:
