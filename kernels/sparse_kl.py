@@ -1,0 +1,318 @@
+r"""Sparse distillation loss: student logits over the full vocabulary vs cached sparse teacher targets.
+
+Math (DESIGN.md, "Loss semantics"). Per row (leading dims flattened): student logits z in R^V,
+s = z / T, log q = log_softmax(s). Teacher slots k with id_k >= 0 form the support S, p_k = exp(lp_k)
+(teacher log-probs already at the loss temperature), P = sum_S p, Q = sum_S q_{id_k}.
+Duplicate ids are separate bins. Tails choose the two distributions compared:
+
+- ``bucket``: bins (p_1..p_K, max(0, 1 - P)) vs (q_1..q_K, 1 - Q), with 1 - Q = -expm1(log Q)
+  (clamped at 0, which only duplicates can reach).
+- ``renormalize`` (forward_kl only): p / P over S vs the full-vocabulary q.
+- ``restrict``: p / P vs q / Q, both over S (q / Q is the softmax of the K gathered logits).
+
+Kinds over those bins: forward_kl sum p (log p - log q); reverse_kl sum q (log q - log p);
+jsd beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q; tvd 1/2 sum |p - q|.
+Every log is clamped below at log(1e-12) (so 0 log 0 = 0 and no finite input gives inf or NaN); the clamp's
+derivative is 0 below it. Row loss = alpha T^2 D + (1 - alpha) CE(z, label) (T^2 only with scale_by_t2).
+
+Gradient. With g_b = dD/dq_b per bin and w_b = q_b g_b, the softmax Jacobian gives, w.r.t. s_j,
+
+    dD/ds_j = -A q_j + sum_{k: id_k = j} a_k,
+
+    bucket:       a_k = w_k - g_tail q_k,  A = sum_k a_k      (q_tail = 1 - Q)
+    renormalize:  a_k = w_k,               A = sum_k a_k
+    restrict:     a_k = w_k - q~_k sum_l w_l,  A = 0           (q~ = q / Q; no dense term)
+
+and dz = ds / T. For forward_kl/bucket this is DESIGN's (1/T)[(P + p_tail) q_j - p_j 1(j in S)
+- (p_tail / q_tail) q_j 1(j not in S)]. The cross-entropy adds (1 - alpha)(softmax(z)_j - 1(j = label)).
+So the gradient is one dense pass plus K (+1) sparse fix-ups: the structure of a cross-entropy kernel.
+
+Forward computes the gradient already (scaled by 1/denominator for reduction='mean'); backward only
+multiplies it by grad_output, and skips even that, on the device, when grad_output is exactly 1.
+
+torch.compile: the forward and the backward scaling are registered as custom ops
+(``torch.ops.softcache.sparse_kl_fwd`` / ``sparse_kl_fwd_inplace`` / ``scale_grad_``) with fake
+implementations, and the autograd.Function around them is traceable, so compiled graphs hold the loss
+without a graph break. The id check (one host read) runs inside the op and is invisible to the tracer.
+"""
+
+import os
+
+import torch
+from torch import nn
+
+from ._common import (
+    LossConfig,
+    check_ids,
+    counted_rows,
+    flatten_inputs,
+    make_config,
+    row_scale,
+)
+from .sparse_kl_torch import sparse_kl_forward_torch
+
+_TRITON = None  # the sparse_kl_triton module once imported, False when triton is unavailable
+
+
+def _triton_module():
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from . import sparse_kl_triton
+
+            _TRITON = sparse_kl_triton
+        except ImportError:
+            _TRITON = False
+    return _TRITON
+
+
+def triton_available() -> bool:
+    """True when triton imports (Linux with a working triton; on CPU it also needs TRITON_INTERPRET=1)."""
+    return bool(_triton_module())
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda" and triton_available()
+    if backend != "triton":
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if not triton_available():
+        raise ValueError("backend='triton' but triton is not importable here; use backend='torch' or 'auto'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' with tensors on {device} needs TRITON_INTERPRET=1 set before triton is imported "
+            "(the interpreter is slow and meant for tests); use backend='auto' or 'torch' on the CPU"
+        )
+    return True
+
+
+def _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, grad, use_triton, check):
+    if check:
+        check_ids(logits.shape[1], target_ids, labels, cfg.ignore_index)
+    forward = _triton_module().sparse_kl_forward_triton if use_triton else sparse_kl_forward_torch
+    return forward(logits, target_ids, target_logprobs, labels, scale, cfg, grad)
+
+
+def _cfg(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index) -> LossConfig:
+    return LossConfig(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
+
+
+@torch.library.custom_op("softcache::sparse_kl_fwd", mutates_args=())
+def _sparse_kl_fwd(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    scale: torch.Tensor,
+    kind: int,
+    tail: int,
+    temperature: float,
+    beta: float,
+    soft_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+    compute_grad: bool,
+    use_triton: bool,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses (N,) float32 and the gradient (N, V) in the logits' dtype (empty if not compute_grad)."""
+    cfg = _cfg(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
+    grad = torch.empty_like(logits) if compute_grad else None
+    losses = _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, grad, use_triton, check)
+    return losses, grad if grad is not None else logits.new_empty(0)
+
+
+@_sparse_kl_fwd.register_fake
+def _(logits, target_ids, target_logprobs, labels, scale, kind, tail, temperature, beta, soft_weight, ce_weight,
+      ignore_index, compute_grad, use_triton, check):  # fmt: skip
+    losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return losses, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+
+
+@torch.library.custom_op("softcache::sparse_kl_fwd_inplace", mutates_args=("logits",))
+def _sparse_kl_fwd_inplace(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    scale: torch.Tensor,
+    kind: int,
+    tail: int,
+    temperature: float,
+    beta: float,
+    soft_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+    use_triton: bool,
+    check: bool,
+) -> torch.Tensor:
+    """Per-row losses (N,); overwrites ``logits`` with the gradient."""
+    cfg = _cfg(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
+    return _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, logits, use_triton, check)
+
+
+@_sparse_kl_fwd_inplace.register_fake
+def _(logits, target_ids, target_logprobs, labels, scale, kind, tail, temperature, beta, soft_weight, ce_weight,
+      ignore_index, use_triton, check):  # fmt: skip
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("softcache::scale_grad_", mutates_args=("grad",))
+def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, use_triton: bool) -> None:
+    """In place: grad (N, V) *= grad_output (a scalar or (N,) per-row factors)."""
+    if use_triton:
+        _triton_module().scale_rows_triton(grad, grad_output)
+    elif grad_output.numel() == 1:
+        grad.mul_(grad_output.reshape(()))
+    else:
+        grad.mul_(grad_output.reshape(-1, 1))
+
+
+@_scale_grad_.register_fake
+def _(grad, grad_output, use_triton):
+    return None
+
+
+class SparseKLFunction(torch.autograd.Function):
+    """Loss in forward, with the gradient computed there too; backward scales it by grad_output."""
+
+    @staticmethod
+    def forward(ctx, logits, target_ids, target_logprobs, labels, scale, kind, tail, temperature, beta,
+                soft_weight, ce_weight, ignore_index, reduction, use_triton, check, inplace_grad):  # fmt: skip
+        """logits (N, V); targets (N, K); labels (N,) or None; scale (1,) = 1/denominator for 'mean'."""
+        compute_grad = ctx.needs_input_grad[0]
+        args = (kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
+        if compute_grad and inplace_grad:
+            losses = torch.ops.softcache.sparse_kl_fwd_inplace(
+                logits, target_ids, target_logprobs, labels, scale, *args, use_triton, check
+            )
+            grad = logits
+        else:
+            losses, grad = torch.ops.softcache.sparse_kl_fwd(
+                logits, target_ids, target_logprobs, labels, scale, *args, compute_grad, use_triton, check
+            )
+        if compute_grad:
+            ctx.save_for_backward(grad)
+        ctx.use_triton = use_triton
+        if reduction == "none":
+            return losses
+        return (losses.sum() * scale).reshape(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        torch.ops.softcache.scale_grad_(grad, grad_output.float().contiguous(), ctx.use_triton)
+        return (grad,) + (None,) * 15
+
+
+def sparse_kl_loss(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    tail: str = "bucket",
+    beta: float = 0.5,
+    labels: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    scale_by_t2: bool = True,
+    backend: str = "auto",
+    check_ids: bool = True,
+    inplace_grad: bool = False,
+) -> torch.Tensor:
+    """Distillation loss between student ``logits`` (..., V) and sparse teacher targets (..., K).
+
+    Args:
+        logits: raw student logits (T = 1), float16/bfloat16/float32 (float64 on the torch backend).
+        target_ids: (..., K) integer teacher token ids; -1 marks padding slots. Other ids must be in [0, V).
+        target_logprobs: (..., K) teacher log-probabilities *at the loss temperature* (ignored in padding slots).
+        temperature: T; the student is softened as z / T.
+        kind: 'forward_kl' | 'reverse_kl' | 'jsd' | 'tvd'.
+        tail: 'bucket' | 'renormalize' (forward_kl only) | 'restrict'.
+        beta: the JSD mixing weight, 0 < beta < 1.
+        labels: (...) hard labels for the cross-entropy term and for masking; ``ignore_index`` rows do not count.
+        alpha: row loss = alpha * T^2 * D + (1 - alpha) * CE; alpha < 1 needs labels.
+        reduction: 'mean' (sum over counted rows / (num_items_in_batch or their number); 0 if none count),
+            'sum', or 'none' (per row, shape of the leading dims, 0 where a row does not count).
+        num_items_in_batch: denominator for 'mean' (e.g. from HF Trainer under gradient accumulation).
+        scale_by_t2: multiply the soft term by T^2.
+        backend: 'auto' (Triton on CUDA, PyTorch elsewhere), 'triton' or 'torch'.
+        check_ids: raise ValueError for ids outside [-1, V) and labels outside [0, V) (not ignore_index).
+            Costs one device reduction and one host sync; with False, such ids are treated as padding.
+        inplace_grad: write the gradient over ``logits`` during forward, saving one (N, V) buffer. Safe only
+            when nothing reads these logits afterwards (typical: ``logits = lm_head(h)`` used by this loss
+            alone; the matmul's backward needs h and the weight, not its output). The values of ``logits``
+            are destroyed; autograd raises if another op saved them for backward. Non-contiguous logits are
+            copied first, which voids the saving.
+
+    Returns:
+        float32 scalar (or per-row float32 for reduction='none'). Gradient flows to ``logits`` only.
+    """
+    cfg = make_config(
+        temperature=temperature, kind=kind, tail=tail, beta=beta, has_labels=labels is not None, alpha=alpha,
+        ignore_index=ignore_index, reduction=reduction, scale_by_t2=scale_by_t2,
+    )  # fmt: skip
+    lead = logits.shape[:-1]
+    logits2d, ids2d, lp2d, labels1d = flatten_inputs(logits, target_ids, target_logprobs, labels)
+    use_triton = _use_triton(backend, logits.device)
+    vocab = logits2d.shape[1]
+    scale = row_scale(reduction, counted_rows(vocab, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
+    out = SparseKLFunction.apply(
+        logits2d, ids2d, lp2d.detach(), labels1d, scale, cfg.kind, cfg.tail, cfg.temperature, cfg.beta,
+        cfg.soft_weight, cfg.ce_weight, cfg.ignore_index, reduction, use_triton, bool(check_ids), bool(inplace_grad),
+    )  # fmt: skip
+    return out.reshape(lead) if reduction == "none" else out
+
+
+class SparseKLLoss(nn.Module):
+    """Module form of :func:`sparse_kl_loss`; the constructor takes its keyword options.
+
+    ``forward(logits, target_ids, target_logprobs, labels=None, num_items_in_batch=None)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        kind: str = "forward_kl",
+        tail: str = "bucket",
+        beta: float = 0.5,
+        alpha: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        scale_by_t2: bool = True,
+        backend: str = "auto",
+        check_ids: bool = True,
+        inplace_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        make_config(
+            temperature=temperature, kind=kind, tail=tail, beta=beta, has_labels=True, alpha=alpha,
+            ignore_index=ignore_index, reduction=reduction, scale_by_t2=scale_by_t2,
+        )  # fmt: skip
+        self.options = dict(
+            temperature=temperature, kind=kind, tail=tail, beta=beta, alpha=alpha, ignore_index=ignore_index,
+            reduction=reduction, scale_by_t2=scale_by_t2, backend=backend, check_ids=check_ids,
+            inplace_grad=inplace_grad,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_logprobs: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return sparse_kl_loss(
+            logits, target_ids, target_logprobs, labels=labels, num_items_in_batch=num_items_in_batch, **self.options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

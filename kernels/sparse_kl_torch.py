@@ -1,0 +1,151 @@
+"""PyTorch implementation of the sparse distillation loss (CPU, ``backend="torch"``, and the no-triton fallback).
+
+Same math as the Triton kernel (see ``sparse_kl.py`` for the formulas), processed in chunks of rows so that
+at most a few ``chunk x V`` float32 buffers exist at once. The gradient is computed in the forward pass and
+written into ``grad`` (which may be ``logits`` itself), so backward only has to scale it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import EPS, LOG_EPS, LossConfig
+
+# Rows per chunk are chosen so that one float32 chunk x V buffer holds about this many elements (16 MiB).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def bin_terms(p, lp, q, lq_raw, beta: float, kind: int):
+    """Per-bin divergence term f(p, q), its derivative g = df/dq, and w = q * g.
+
+    ``lp`` is the teacher log already clamped at log(1e-12); ``lq_raw`` the unclamped student log (may be -inf).
+    The clamp's derivative is 0 below log(1e-12), which is what the masks carry.
+    """
+    lq = lq_raw.clamp_min(LOG_EPS)
+    mq = (lq_raw > LOG_EPS).to(q.dtype)
+    if kind == 0:  # forward KL: p (log p - log q)
+        f = p * (lp - lq)
+        w = -p * mq
+        g = w / q.clamp_min(EPS)
+    elif kind == 1:  # reverse KL: q (log q - log p)
+        f = q * (lq - lp)
+        g = lq - lp + mq
+        w = q * g
+    elif kind == 2:  # JSD(beta) with m = beta p + (1 - beta) q
+        m = beta * p + (1.0 - beta) * q
+        lm = m.clamp_min(EPS).log()
+        f = beta * p * (lp - lm) + (1.0 - beta) * q * (lq - lm)
+        g = (1.0 - beta) * (lq - lm + mq - (m > EPS).to(q.dtype))
+        w = q * g
+    else:  # total variation: |p - q| / 2
+        f = 0.5 * (p - q).abs()
+        g = -0.5 * torch.sign(p - q)
+        w = q * g
+    return f, g, w
+
+
+def _neg_expm1(x: torch.Tensor) -> torch.Tensor:
+    """1 - exp(x), accurate near x = 0."""
+    return -torch.expm1(x)
+
+
+def row_terms(s_k, lp, valid, lse, cfg: LossConfig):
+    """Per-row divergence D, dense coefficient A and per-slot fix-ups a (all w.r.t. s = z / T).
+
+    The gradient of D with respect to s_j is ``-A * q_j + sum_{k: id_k = j} a_k``.
+    Shapes: s_k, lp, valid (R, K); lse (R,) or None for tail='restrict'.
+    """
+    zero = torch.zeros((), dtype=s_k.dtype, device=s_k.device)
+    ninf = torch.full((), float("-inf"), dtype=s_k.dtype, device=s_k.device)
+    lp = torch.where(valid, lp, ninf)
+    p = torch.where(valid, lp.exp(), zero)
+    big_p = p.sum(-1)
+    if cfg.tail == 2:  # restrict: student q / Q over the support
+        s_m = torch.where(valid, s_k, ninf)
+        lse_s = torch.logsumexp(s_m, dim=-1)
+        lse_s = torch.where(torch.isfinite(lse_s), lse_s, zero)
+        lq_raw = s_m - lse_s[:, None]
+    else:
+        lq_raw = torch.where(valid, s_k - lse[:, None], ninf)
+    q = lq_raw.exp()
+    if cfg.tail == 0:  # bucket: K slots plus one tail bin
+        f, _, w = bin_terms(p, lp.clamp_min(LOG_EPS), q, lq_raw, cfg.beta, cfg.kind)
+        p_t = (1.0 - big_p).clamp_min(0.0)
+        q_t_raw = _neg_expm1(q.sum(-1).log())
+        q_t = q_t_raw.clamp_min(0.0)
+        f_t, g_t, _ = bin_terms(p_t, p_t.clamp_min(EPS).log(), q_t, q_t.log(), cfg.beta, cfg.kind)
+        g_t = torch.where(q_t_raw > 0, g_t, zero)
+        d = torch.where(valid, f, zero).sum(-1) + f_t
+        a = torch.where(valid, w - g_t[:, None] * q, zero)
+        big_a = a.sum(-1)
+    else:
+        safe_p = torch.where(big_p > 0, big_p, torch.ones_like(big_p))
+        pb = p / safe_p[:, None]
+        lpb = (lp - safe_p.log()[:, None]).clamp_min(LOG_EPS)
+        f, _, w = bin_terms(pb, lpb, q, lq_raw, cfg.beta, cfg.kind)
+        d = torch.where(valid, f, zero).sum(-1)
+        w = torch.where(valid, w, zero)
+        if cfg.tail == 1:  # renormalize: p / P against the full-vocabulary q
+            a = w
+            big_a = a.sum(-1)
+        else:  # restrict: q / Q is a softmax over the K gathered logits, so there is no dense term
+            a = w - q * w.sum(-1, keepdim=True)
+            big_a = torch.zeros_like(d)
+    return d, big_a, a
+
+
+def sparse_kl_forward_torch(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    scale: torch.Tensor,
+    cfg: LossConfig,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-row losses (N,) float32 (0 where a row does not count); fills ``grad`` (N, V) when given.
+
+    ``scale`` (1,) multiplies every row's gradient (1/denominator for reduction='mean').
+    ``grad`` may alias ``logits``: each chunk's logits are fully read before its gradient is written.
+    """
+    n, vocab = logits.shape
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    inv_t = 1.0 / cfg.temperature
+    losses = torch.empty(n, dtype=torch.float32, device=logits.device)
+    chunk = max(1, min(n, CHUNK_ELEMENTS // vocab))
+    scale_c = scale.to(compute)
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        x = logits[r0:r1].to(compute)
+        ids = target_ids[r0:r1].long()
+        valid = (ids >= 0) & (ids < vocab)
+        counted = valid.any(-1)
+        if labels is not None:
+            lab = labels[r0:r1].long()
+            counted = counted & (lab != cfg.ignore_index)
+            lab_ok = counted & (lab >= 0) & (lab < vocab)
+            lab_safe = torch.where(lab_ok, lab, torch.zeros_like(lab))
+        ids_safe = torch.where(valid, ids, torch.zeros_like(ids))
+        z_k = x.gather(1, ids_safe)
+        s_k = z_k * inv_t
+        lse = torch.logsumexp(x * inv_t, dim=-1) if cfg.tail != 2 else None
+        d, big_a, a = row_terms(s_k, target_logprobs[r0:r1].to(compute), valid, lse, cfg)
+        row = cfg.soft_weight * d
+        if cfg.has_ce:
+            lse1 = torch.logsumexp(x, dim=-1)
+            row = row + cfg.ce_weight * (lse1 - x.gather(1, lab_safe[:, None])[:, 0])
+        losses[r0:r1] = torch.where(counted, row, torch.zeros_like(row)).float()
+        if grad is None:
+            continue
+        soft = torch.where(counted, scale_c * (cfg.soft_weight * inv_t), torch.zeros_like(d))
+        g = torch.zeros_like(x)
+        if cfg.tail != 2:
+            g = torch.softmax(x * inv_t, dim=-1).mul_((-big_a * soft)[:, None])
+        g.scatter_add_(1, ids_safe, torch.where(valid, a * soft[:, None], torch.zeros_like(a)))
+        if cfg.has_ce:
+            ce = torch.where(lab_ok, scale_c * cfg.ce_weight, torch.zeros_like(d))
+            g.add_(torch.softmax(x, dim=-1).mul_(ce[:, None]))
+            g.scatter_add_(1, lab_safe[:, None], -ce[:, None])
+        del x
+        grad[r0:r1] = g.to(grad.dtype)
+    return losses

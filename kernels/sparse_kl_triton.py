@@ -1,0 +1,282 @@
+"""Triton kernels of the sparse distillation loss: one program per row, two streaming passes over V.
+
+Pass 1 reads the row in blocks of ``BLOCK_V`` and keeps an online max/sum of ``s = z / T`` (and of ``z`` when a
+hard cross-entropy at T = 1 is mixed in) in fp32 registers. The K student logits at the target ids are
+gathered, and a handful of per-row scalars follow from them (see ``sparse_kl.py`` for the math):
+the divergence ``D``, the dense coefficient ``A`` and the per-slot fix-ups ``a_k``, so that
+
+    dD/ds_j = -A * q_j + sum_{k: id_k = j} a_k.
+
+Pass 2 writes the gradient of the row in the logits' dtype: the dense part block by block, then, after a
+barrier, the K (+ label) positions with their exact values. The values at those positions are prepared in
+fp32 *before* pass 2 into a small (N, K) scratch, so the gradient may overwrite the logits in place.
+Duplicate ids are separate bins: the fix-ups of equal ids are summed (a K x K compare in chunks), and every
+duplicate slot stores the same value.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import EPS, LOG_EPS, LossConfig
+
+MAX_BLOCK_V = 8192
+# Globals read inside @triton.jit functions must be constexpr.
+NEG_INF = tl.constexpr(float("-inf"))
+_EPS = tl.constexpr(EPS)
+_LOG_EPS = tl.constexpr(LOG_EPS)
+
+
+@triton.jit
+def _bin_terms(p, lp, q, lq_raw, beta, KIND: tl.constexpr):
+    """f(p, q) of one bin, g = df/dq and w = q * g (see sparse_kl_torch.bin_terms)."""
+    lq = tl.maximum(lq_raw, _LOG_EPS)
+    mq = tl.where(lq_raw > _LOG_EPS, 1.0, 0.0)
+    if KIND == 0:
+        f = p * (lp - lq)
+        w = -p * mq
+        g = w / tl.maximum(q, _EPS)
+    elif KIND == 1:
+        f = q * (lq - lp)
+        g = lq - lp + mq
+        w = q * g
+    elif KIND == 2:
+        m = beta * p + (1.0 - beta) * q
+        lm = tl.log(tl.maximum(m, _EPS))
+        f = beta * p * (lp - lm) + (1.0 - beta) * q * (lq - lm)
+        g = (1.0 - beta) * (lq - lm + mq - tl.where(m > _EPS, 1.0, 0.0))
+        w = q * g
+    else:
+        f = 0.5 * tl.abs(p - q)
+        g = tl.where(p > q, -0.5, tl.where(p < q, 0.5, 0.0))
+        w = q * g
+    return f, g, w
+
+
+@triton.jit
+def _neg_expm1(x):
+    """1 - exp(x) for x <= 0, accurate near 0 (Kahan: expm1(x) = (u - 1) * x / log(u), u = exp(x))."""
+    u = tl.exp(x)
+    log_u = tl.where(u == 1.0, 1.0, tl.log(u))
+    small = (u - 1.0) * x / log_u
+    em1 = tl.where(u == 1.0, x, tl.where(tl.abs(x) < 0.5, small, u - 1.0))
+    return -em1
+
+
+@triton.jit
+def _dense_grad(x, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S: tl.constexpr, HAS_CE: tl.constexpr):
+    """Dense part of the gradient at logits x: dense_c * softmax(x / T) + ce_c * softmax(x)."""
+    out = tl.zeros_like(x)
+    if NEED_S:
+        out += dense_c * tl.exp(x * inv_t - lse_s)
+    if HAS_CE:
+        out += ce_c * tl.exp(x - lse_z)
+    return out
+
+
+@triton.jit
+def _sparse_kl_kernel(
+    x_ptr, x_stride, grad_ptr, grad_stride,
+    ids_ptr, ids_stride, lp_ptr, lp_stride, labels_ptr, scale_ptr,
+    loss_ptr, fix_ptr,
+    V, K, inv_t, soft_w, ce_w, beta, ignore_index,
+    KIND: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+    NEED_S: tl.constexpr, SHARE_LSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    offs_k = tl.arange(0, BLOCK_K)
+    in_k = offs_k < K
+    ids = tl.load(ids_ptr + row * ids_stride + offs_k, mask=in_k, other=-1).to(tl.int64)
+    valid = in_k & (ids >= 0) & (ids < V)
+    ids = tl.where(valid, ids, -1)
+    counted = tl.sum(valid.to(tl.int32), axis=0) > 0
+    label = -1
+    label_ok = counted
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        counted = counted & (label != ignore_index)
+        label_ok = counted & (label >= 0) & (label < V)
+
+    # Pass 1: online log-sum-exp of s = z / T (and of z at T = 1 for the cross-entropy); skipped when ignored.
+    m_s = NEG_INF
+    d_s = 0.0
+    m_z = NEG_INF
+    d_z = 0.0
+    v_end = tl.where(counted, V, 0)
+    for start in range(0, v_end, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(x_row + offs, mask=offs < V, other=NEG_INF).to(tl.float32)
+        if NEED_S:
+            s = x * inv_t
+            m_new = tl.maximum(m_s, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            d_s = d_s * tl.exp(m_s - m_safe) + tl.sum(tl.exp(s - m_safe), axis=0)
+            m_s = m_new
+        if HAS_CE and not SHARE_LSE:
+            m_new = tl.maximum(m_z, tl.max(x, axis=0))
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            d_z = d_z * tl.exp(m_z - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+            m_z = m_new
+    # +inf for rows that do not count: every exp(x - lse) below is then 0, never inf * 0.
+    lse_s = tl.where(counted & (d_s > 0), m_s + tl.log(tl.maximum(d_s, 1e-30)), float("inf"))
+    if SHARE_LSE:
+        lse_z = lse_s
+    else:
+        lse_z = tl.where(counted & (d_z > 0), m_z + tl.log(tl.maximum(d_z, 1e-30)), float("inf"))
+
+    # Per-row scalars from the K gathered logits and teacher log-probs.
+    z_k = tl.load(x_row + ids, mask=valid, other=NEG_INF).to(tl.float32)
+    s_k = z_k * inv_t
+    lp = tl.load(lp_ptr + row * lp_stride + offs_k, mask=valid, other=NEG_INF).to(tl.float32)
+    lp = tl.where(valid, lp, NEG_INF)
+    p = tl.where(valid, tl.exp(lp), 0.0)
+    big_p = tl.sum(p, axis=0)
+    if TAIL == 2:  # restrict: q / Q is a softmax over the gathered logits
+        s_m = tl.where(valid, s_k, NEG_INF)
+        mx = tl.max(s_m, axis=0)
+        mx = tl.where(mx == NEG_INF, 0.0, mx)
+        sum_e = tl.sum(tl.exp(s_m - mx), axis=0)
+        lq_raw = s_m - tl.where(sum_e > 0, mx + tl.log(tl.maximum(sum_e, 1e-30)), 0.0)
+    else:
+        lq_raw = tl.where(valid, s_k - lse_s, NEG_INF)
+    q = tl.exp(lq_raw)
+    if TAIL == 0:  # bucket: K slots + tail bin
+        f, g, w = _bin_terms(p, tl.maximum(lp, _LOG_EPS), q, lq_raw, beta, KIND)
+        p_t = tl.maximum(1.0 - big_p, 0.0)
+        q_t_raw = _neg_expm1(tl.log(tl.sum(q, axis=0)))
+        q_t = tl.maximum(q_t_raw, 0.0)
+        f_t, g_t, w_t = _bin_terms(p_t, tl.log(tl.maximum(p_t, _EPS)), q_t, tl.log(q_t), beta, KIND)
+        g_t = tl.where(q_t_raw > 0, g_t, 0.0)
+        div = tl.sum(tl.where(valid, f, 0.0), axis=0) + f_t
+        a = tl.where(valid, w - g_t * q, 0.0)
+        big_a = tl.sum(a, axis=0)
+    else:
+        safe_p = tl.where(big_p > 0, big_p, 1.0)
+        lpb = tl.maximum(lp - tl.log(safe_p), _LOG_EPS)
+        f, g, w = _bin_terms(p / safe_p, lpb, q, lq_raw, beta, KIND)
+        div = tl.sum(tl.where(valid, f, 0.0), axis=0)
+        w = tl.where(valid, w, 0.0)
+        if TAIL == 1:  # renormalize
+            a = w
+            big_a = tl.sum(a, axis=0)
+        else:
+            a = w - q * tl.sum(w, axis=0)
+            big_a = 0.0
+    loss = soft_w * div
+    z_label = 0.0
+    if HAS_CE:
+        z_label = tl.load(x_row + label, mask=label_ok, other=0.0).to(tl.float32)
+        loss += ce_w * (lse_z - z_label)
+    tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+
+    if COMPUTE_GRAD:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        soft_c = tl.where(counted, soft_w * scale * inv_t, 0.0)
+        dense_c = -big_a * soft_c
+        delta = tl.where(valid, a * soft_c, 0.0)
+        ce_c = tl.where(label_ok, ce_w * scale, 0.0)
+        # Exact fp32 values at the target ids and the label, ready before pass 2 may overwrite the logits.
+        for c in range(0, K, CHUNK_K):
+            offs_c = c + tl.arange(0, CHUNK_K)
+            in_c = offs_c < K
+            ids_c = tl.load(ids_ptr + row * ids_stride + offs_c, mask=in_c, other=-1).to(tl.int64)
+            valid_c = in_c & (ids_c >= 0) & (ids_c < V)
+            ids_c = tl.where(valid_c, ids_c, -1)
+            z_c = tl.load(x_row + ids_c, mask=valid_c, other=NEG_INF).to(tl.float32)
+            val = _dense_grad(z_c, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S, HAS_CE)
+            val += tl.sum(tl.where(ids_c[:, None] == ids[None, :], delta[None, :], 0.0), axis=1)
+            if HAS_CE:
+                val -= tl.where(ids_c == label, ce_c, 0.0)
+            tl.store(fix_ptr + row * K + offs_c, val, mask=in_c)
+        label_val = 0.0
+        if HAS_CE:
+            label_val = _dense_grad(z_label, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S, HAS_CE)
+            label_val += tl.sum(tl.where(ids == label, delta, 0.0), axis=0) - ce_c
+
+        # Pass 2: dense gradient, block by block, in the gradient's dtype.
+        g_row = grad_ptr + row * grad_stride
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            msk = offs < V
+            x = tl.load(x_row + offs, mask=msk, other=NEG_INF).to(tl.float32)
+            out = _dense_grad(x, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S, HAS_CE)
+            tl.store(g_row + offs, out.to(grad_ptr.dtype.element_ty), mask=msk)
+        tl.debug_barrier()  # the fix-ups below overwrite positions other threads just wrote
+        for c in range(0, K, CHUNK_K):
+            offs_c = c + tl.arange(0, CHUNK_K)
+            in_c = offs_c < K
+            ids_c = tl.load(ids_ptr + row * ids_stride + offs_c, mask=in_c, other=-1).to(tl.int64)
+            valid_c = in_c & (ids_c >= 0) & (ids_c < V)
+            val = tl.load(fix_ptr + row * K + offs_c, mask=valid_c, other=0.0)
+            tl.store(g_row + ids_c, val.to(grad_ptr.dtype.element_ty), mask=valid_c)
+        if HAS_CE:
+            tl.store(g_row + label, label_val.to(grad_ptr.dtype.element_ty), mask=label_ok)
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, grad_stride, go_ptr, go_stride, V, BLOCK_V: tl.constexpr):
+    """grad[row] *= grad_output[row * go_stride]; a no-op (one scalar load) when that factor is exactly 1."""
+    row = tl.program_id(0).to(tl.int64)
+    go = tl.load(go_ptr + row * go_stride).to(tl.float32)
+    if go != 1.0:
+        g_row = grad_ptr + row * grad_stride
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            msk = offs < V
+            x = tl.load(g_row + offs, mask=msk, other=0.0).to(tl.float32)
+            tl.store(g_row + offs, (x * go).to(grad_ptr.dtype.element_ty), mask=msk)
+
+
+def _launch_params(vocab: int) -> tuple[int, int]:
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    num_warps = 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
+    return block_v, num_warps
+
+
+def sparse_kl_forward_triton(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    scale: torch.Tensor,
+    cfg: LossConfig,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """Launch the forward kernel; returns per-row losses (N,) float32 and fills ``grad`` (may alias logits)."""
+    n, vocab = logits.shape
+    k = target_ids.shape[1]
+    losses = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return losses
+    block_v, num_warps = _launch_params(vocab)
+    block_k = max(16, triton.next_power_of_2(k))
+    chunk_k = max(1, min(block_k, 4096 // block_k))
+    compute_grad = grad is not None
+    fix = torch.empty((n, k) if compute_grad else (1,), dtype=torch.float32, device=logits.device)
+    grad_arg = grad if compute_grad else logits
+    labels_arg = labels if labels is not None else target_ids
+    _sparse_kl_kernel[(n,)](
+        logits, logits.stride(0), grad_arg, grad_arg.stride(0),
+        target_ids, target_ids.stride(0), target_logprobs, target_logprobs.stride(0), labels_arg, scale,
+        losses, fix,
+        vocab, k, 1.0 / cfg.temperature, cfg.soft_weight, cfg.ce_weight, cfg.beta, cfg.ignore_index,
+        KIND=cfg.kind, TAIL=cfg.tail, HAS_LABELS=labels is not None, HAS_CE=cfg.has_ce,
+        NEED_S=cfg.tail != 2, SHARE_LSE=cfg.tail != 2 and cfg.temperature == 1.0, COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block_v, BLOCK_K=block_k, CHUNK_K=chunk_k, num_warps=num_warps,
+    )  # fmt: skip
+    return losses
+
+
+def scale_rows_triton(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """In place: grad (N, V) *= grad_output (a scalar, or one factor per row); no host sync."""
+    n, vocab = grad.shape
+    if n == 0:
+        return
+    go = grad_output.reshape(-1)
+    block_v, num_warps = _launch_params(vocab)
+    _scale_rows_kernel[(n,)](grad, grad.stride(0), go, 0 if go.numel() == 1 else 1, vocab, BLOCK_V=block_v,
+                             num_warps=num_warps)
