@@ -165,6 +165,8 @@ def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, use_triton: bool
     if use_triton:
         _triton_module().scale_rows_triton(grad, grad_output)
     elif grad_output.numel() == 1:
+        if grad.device.type == "cpu" and float(grad_output) == 1.0:  # free to check on the CPU
+            return
         grad.mul_(grad_output.reshape(()))
     else:
         grad.mul_(grad_output.reshape(-1, 1))

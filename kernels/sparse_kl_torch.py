@@ -44,16 +44,12 @@ def bin_terms(p, lp, q, lq_raw, beta: float, kind: int):
     return f, g, w
 
 
-def _neg_expm1(x: torch.Tensor) -> torch.Tensor:
-    """1 - exp(x), accurate near x = 0."""
-    return -torch.expm1(x)
-
-
-def row_terms(s_k, lp, valid, lse, cfg: LossConfig):
+def row_terms(s_k, lq_k, lp, valid, cfg: LossConfig):
     """Per-row divergence D, dense coefficient A and per-slot fix-ups a (all w.r.t. s = z / T).
 
     The gradient of D with respect to s_j is ``-A * q_j + sum_{k: id_k = j} a_k``.
-    Shapes: s_k, lp, valid (R, K); lse (R,) or None for tail='restrict'.
+    Shapes (R, K): s_k = z / T at the target ids (used by tail='restrict'), lq_k = log_softmax(s) there
+    (other tails; None for 'restrict'), teacher log-probs lp, and the mask of valid slots.
     """
     zero = torch.zeros((), dtype=s_k.dtype, device=s_k.device)
     ninf = torch.full((), float("-inf"), dtype=s_k.dtype, device=s_k.device)
@@ -66,12 +62,12 @@ def row_terms(s_k, lp, valid, lse, cfg: LossConfig):
         lse_s = torch.where(torch.isfinite(lse_s), lse_s, zero)
         lq_raw = s_m - lse_s[:, None]
     else:
-        lq_raw = torch.where(valid, s_k - lse[:, None], ninf)
+        lq_raw = torch.where(valid, lq_k, ninf)
     q = lq_raw.exp()
     if cfg.tail == 0:  # bucket: K slots plus one tail bin
         f, _, w = bin_terms(p, lp.clamp_min(LOG_EPS), q, lq_raw, cfg.beta, cfg.kind)
         p_t = (1.0 - big_p).clamp_min(0.0)
-        q_t_raw = _neg_expm1(q.sum(-1).log())
+        q_t_raw = -torch.expm1(q.sum(-1).log())  # 1 - Q, accurate when Q is near 1
         q_t = q_t_raw.clamp_min(0.0)
         f_t, g_t, _ = bin_terms(p_t, p_t.clamp_min(EPS).log(), q_t, q_t.log(), cfg.beta, cfg.kind)
         g_t = torch.where(q_t_raw > 0, g_t, zero)
@@ -116,36 +112,43 @@ def sparse_kl_forward_torch(
     scale_c = scale.to(compute)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        x = logits[r0:r1].to(compute)
         ids = target_ids[r0:r1].long()
         valid = (ids >= 0) & (ids < vocab)
+        ids_safe = torch.where(valid, ids, torch.zeros_like(ids))
         counted = valid.any(-1)
         if labels is not None:
             lab = labels[r0:r1].long()
             counted = counted & (lab != cfg.ignore_index)
             lab_ok = counted & (lab >= 0) & (lab < vocab)
-            lab_safe = torch.where(lab_ok, lab, torch.zeros_like(lab))
-        ids_safe = torch.where(valid, ids, torch.zeros_like(ids))
-        z_k = x.gather(1, ids_safe)
-        s_k = z_k * inv_t
-        lse = torch.logsumexp(x * inv_t, dim=-1) if cfg.tail != 2 else None
-        d, big_a, a = row_terms(s_k, target_logprobs[r0:r1].to(compute), valid, lse, cfg)
+            lab_safe = torch.where(lab_ok, lab, torch.zeros_like(lab))[:, None]
+        x = logits[r0:r1].to(compute)
+        s = x * inv_t if inv_t != 1.0 else x
+        s_k = s.gather(1, ids_safe)
+        # log_softmax is one fused kernel; its buffer later becomes the gradient (exp_ and mul_ in place).
+        logq = torch.log_softmax(s, dim=-1) if cfg.tail != 2 else None
+        shared = cfg.has_ce and logq is not None and inv_t == 1.0
+        logq1 = (logq if shared else torch.log_softmax(x, dim=-1)) if cfg.has_ce else None
+        del x, s
+        lq_k = logq.gather(1, ids_safe) if logq is not None else None
+        d, big_a, a = row_terms(s_k, lq_k, target_logprobs[r0:r1].to(compute), valid, cfg)
         row = cfg.soft_weight * d
         if cfg.has_ce:
-            lse1 = torch.logsumexp(x, dim=-1)
-            row = row + cfg.ce_weight * (lse1 - x.gather(1, lab_safe[:, None])[:, 0])
+            row = row - cfg.ce_weight * logq1.gather(1, lab_safe)[:, 0]
         losses[r0:r1] = torch.where(counted, row, torch.zeros_like(row)).float()
         if grad is None:
             continue
-        soft = torch.where(counted, scale_c * (cfg.soft_weight * inv_t), torch.zeros_like(d))
-        g = torch.zeros_like(x)
-        if cfg.tail != 2:
-            g = torch.softmax(x * inv_t, dim=-1).mul_((-big_a * soft)[:, None])
+        zero = torch.zeros_like(d)
+        soft = torch.where(counted, scale_c * (cfg.soft_weight * inv_t), zero)
+        dense_c = -big_a * soft
+        ce_c = torch.where(lab_ok, scale_c * cfg.ce_weight, zero) if cfg.has_ce else zero
+        if logq is None:
+            g = torch.zeros((r1 - r0, vocab), dtype=compute, device=logits.device)
+        else:
+            g = logq.exp_().mul_((dense_c + ce_c if shared else dense_c)[:, None])
+        if cfg.has_ce and not shared:
+            g.add_(logq1.exp_().mul_(ce_c[:, None]))
         g.scatter_add_(1, ids_safe, torch.where(valid, a * soft[:, None], torch.zeros_like(a)))
         if cfg.has_ce:
-            ce = torch.where(lab_ok, scale_c * cfg.ce_weight, torch.zeros_like(d))
-            g.add_(torch.softmax(x, dim=-1).mul_(ce[:, None]))
-            g.scatter_add_(1, lab_safe[:, None], -ce[:, None])
-        del x
-        grad[r0:r1] = g.to(grad.dtype)
+            g.scatter_add_(1, lab_safe, -ce_c[:, None])
+        grad[r0:r1] = g
     return losses

@@ -122,10 +122,13 @@ def _sparse_kl_kernel(
             d_z = d_z * tl.exp(m_z - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
             m_z = m_new
     # +inf for rows that do not count: every exp(x - lse) below is then 0, never inf * 0.
-    lse_s = tl.where(counted & (d_s > 0), m_s + tl.log(tl.maximum(d_s, 1e-30)), float("inf"))
+    lse_s = float("inf")
+    if NEED_S:
+        lse_s = tl.where(counted & (d_s > 0), m_s + tl.log(tl.maximum(d_s, 1e-30)), float("inf"))
+    lse_z = float("inf")
     if SHARE_LSE:
         lse_z = lse_s
-    else:
+    elif HAS_CE:
         lse_z = tl.where(counted & (d_z > 0), m_z + tl.log(tl.maximum(d_z, 1e-30)), float("inf"))
 
     # Per-row scalars from the K gathered logits and teacher log-probs.

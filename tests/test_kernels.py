@@ -392,7 +392,7 @@ def test_shape_errors():
 # torch.compile
 
 
-@pytest.mark.parametrize("backend", BACKENDS[:2])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_without_graph_break(backend):
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward without a C compiler."""
     logits, ids, lps = make_inputs(seed=61, device=backend[0])
