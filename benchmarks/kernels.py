@@ -45,6 +45,14 @@ def eager_loss(logits, ids, lps, temperature):
     return kl.mean() * temperature**2
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def make_inputs(n, vocab, k, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(n, vocab, device=device, generator=g).to(torch.bfloat16)
@@ -175,7 +183,10 @@ def main(argv=None):
     timer = Timer(device)
     began = time.time()
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
     print(f"# softcache kernel benchmark  {datetime.date.today()}  {name}")
     print(f"# torch {torch.__version__}  command: python {' '.join(sys.argv)}")
     if args.tiny:

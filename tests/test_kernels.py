@@ -312,6 +312,18 @@ def test_gradient_only_to_logits(backend):
     assert x.grad is not None and lps.grad is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shifted_non_contiguous_logits(backend):
+    """logits[:, :-1] (the usual shift) is not viewable as (N, V): copied, and the gradient lands in place."""
+    logits, ids, lps = make_inputs(n=10, seed=71, device=backend[0], lead=(2, 5))
+    shifted = logits[:, :-1]
+    ids, lps = ids[:, 1:], lps[:, 1:]
+    check(backend, shifted, ids, lps, kind="reverse_kl", temperature=2.5)
+    x = logits.clone().requires_grad_(True)
+    sparse_kl_loss(x[:, :-1], ids, lps, backend=backend[1]).backward()
+    assert torch.all(x.grad[:, -1] == 0)
+
+
 def test_torch_backend_chunks(monkeypatch):
     """Rows processed in several chunks give the same result as one chunk."""
     from softcache.kernels import sparse_kl_torch
@@ -393,13 +405,15 @@ def test_shape_errors():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_without_graph_break(backend):
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_torch_compile_without_graph_break(backend, inplace_grad):
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward without a C compiler."""
     logits, ids, lps = make_inputs(seed=61, device=backend[0])
     labels = make_labels(logits.shape[0], logits.shape[1], device=backend[0])
+    kw = dict(alpha=0.5, temperature=2.5, backend=backend[1], inplace_grad=inplace_grad)
 
     def step(x, ids, lps, labels):
-        return sparse_kl_loss(x * 1.0, ids, lps, labels=labels, alpha=0.5, temperature=2.5, backend=backend[1]) * 2
+        return sparse_kl_loss(x * 1.0, ids, lps, labels=labels, **kw) * 2
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     x = logits.clone().requires_grad_(True)
