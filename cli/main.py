@@ -130,10 +130,53 @@ def stats(path: str, temperature: float | None, max_tokens: int, plot_path: str 
 
 
 @main.command()
-def build() -> None:
-    """Run a teacher over a dataset and write a cache (the teacher pass)."""
-    _fail("`softcache build` (the teacher pass) is not part of this release yet; write caches with "
-          "softcache.CacheWriter(...).write_logits(...) meanwhile")
+@click.option("--teacher", help="Local Hugging Face causal LM folder (model + tokenizer); omit both for the demo.")
+@click.option("--data", help="save_to_disk folder, json/jsonl/parquet/csv/txt files (globs ok) or a folder of them.")
+@click.option("--out", default=None, help="Cache directory or fsspec URL [default: ./softcache-demo for the demo].")
+@click.option("--k", "k", type=int, default=64, show_default=True, help="Top-k ids kept per position.")
+@click.option("--targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
+@click.option("--samples", type=int, default=None, help="Draws per position for --targets sampled (e.g. 50).")
+@click.option("--temperatures", default="1", show_default=True, help="Capture temperatures, comma-separated.")
+@click.option("--max-length", type=int, default=2048, show_default=True, help="Tokens per sequence at most.")
+@click.option("--pack", is_flag=True, help="Concatenate documents (EOS between) and cut to --max-length; "
+              "default: truncate each document.")
+@click.option("--field", default=None, help="Text column (default: input_ids if present, else text).")
+@click.option("--split", default="train", show_default=True)
+@click.option("--limit", type=int, default=None, help="Use only the first N rows.")
+@click.option("--chat-template", is_flag=True, help="--field holds chat messages; render them with the "
+              "tokenizer's chat template.")
+@click.option("--batch-tokens", type=int, default=16384, show_default=True, help="Padded tokens per teacher batch.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Teacher dtype [default: bf16 on CUDA, fp32 on CPU].")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N, or map (spread the model with device_map=auto).")
+@click.option("--backend", type=click.Choice(["arrow", "zarr"]), default="arrow", show_default=True)
+@click.option("--shard-tokens", type=int, default=1 << 20, show_default=True, help="Tokens per shard file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled draws.")
+@click.option("--revision", default=None, help="Model revision (branch, tag or commit) to load.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the teacher folder's own Python code to run.")
+@click.option("--overwrite", is_flag=True, help="Replace a cache at --out that a different build wrote.")
+@click.option("--skip-bad", is_flag=True, help="Skip sequences with NaN/inf teacher logits (counted in the manifest).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def build(teacher, data, out, temperatures, **options) -> None:
+    """Run a teacher over a dataset and write a cache (the teacher pass). Rerun the same command to
+    resume after a crash; run it under torchrun to use several processes. With no --teacher/--data,
+    build the demo cache from the teacher and corpus shipped with softcache."""
+    from softcache.teacher import build as build_cache
+    from softcache.teacher import build_demo
+
+    temps = _run(lambda: [float(t) for t in temperatures.split(",") if t.strip()])
+    if teacher is None and data is None:
+        demo = {key: options[key] for key in ("device", "dtype", "backend", "overwrite", "quiet")}
+        result = _run(build_demo, out or "softcache-demo", **demo)
+    elif teacher is None or data is None:
+        _fail("give both --teacher and --data (or neither, for the demo cache)")
+    elif out is None:
+        _fail("--out is required with --teacher/--data: the cache directory or URL to write")
+    else:
+        result = _run(build_cache, teacher, data, out, temperatures=temps, **options)
+    click.echo(result.summary())
+    if result.next_steps:
+        click.echo("next:\n  " + "\n  ".join(result.next_steps))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,238 @@
+"""The teacher pass behind ``softcache build``: a Hugging Face causal LM over a dataset → a cache.
+
+``build(teacher, data, out, ...)`` loads the teacher and the data (:mod:`.data_sources`), cuts the
+sequences into windows and length-grouped batches (:mod:`.build_plan`), runs the model body and the output
+layer in row chunks (:mod:`.teacher_model`) under ``torch.inference_mode``, and hands the targets to a
+:class:`~softcache.CacheWriter` on a background thread.
+
+Resumable: the manifest records the build's settings; rerunning the same build continues after the last
+committed shard, with the same batches, so the cache ends with the same content as an uninterrupted run.
+A different build on an existing cache is refused unless ``overwrite``. Under ``torchrun`` each rank
+builds a contiguous part of the windows into ``OUT/rank-RRRRR-of-WWWWW/``; rank 0 then copies those shards,
+in rank order, into the cache (see :mod:`.build_dist`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__
+from .build_dist import Dist, merge_rank_caches, prepare_out, rank_path
+from .build_plan import BackgroundWriter, batches, rank_windows, windows
+from .data_sources import Sequences, load_rows, tokenize
+from .format import save_manifest
+from .teacher_model import TeacherError, TeacherHead, config_hash, load_teacher, resolve_device, resolve_dtype
+from .teacher_model import vocab_fingerprint as _vocab_fingerprint
+from .writer import CacheWriter
+
+
+@dataclass
+class BuildResult:
+    out: str
+    sequences: int = 0
+    tokens: int = 0
+    shards: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    built_tokens: int = 0
+    resumed_sequences: int = 0
+    skipped_bad: int = 0
+    skipped_empty: int = 0
+    already_complete: bool = False
+    next_steps: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.already_complete:
+            return f"{self.out} is complete ({self.sequences:,} sequences, {self.tokens:,} tokens): nothing to do"
+        rate = self.built_tokens / self.seconds if self.seconds else 0.0
+        extra = f", resumed after {self.resumed_sequences:,} sequences" if self.resumed_sequences else ""
+        extra += f", skipped {self.skipped_bad} bad" if self.skipped_bad else ""
+        extra += f", {self.skipped_empty} empty rows dropped" if self.skipped_empty else ""
+        per_token = self.bytes / self.tokens if self.tokens else 0.0
+        return (
+            f"wrote {self.out}: {self.sequences:,} sequences, {self.tokens:,} tokens, {self.shards} shards, "
+            f"{self.bytes / 1e6:,.1f} MB ({per_token:.1f} B/token) in {self.seconds:.1f}s ({rate:,.0f} tokens/s){extra}"
+        )
+
+
+def build(
+    teacher: str,
+    data: str,
+    out: str,
+    *,
+    k: int = 64,
+    targets: str = "topk",
+    samples: int | None = None,
+    temperatures=(1.0,),
+    max_length: int = 2048,
+    pack: bool = False,
+    field: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    chat_template: bool = False,
+    batch_tokens: int = 16384,
+    dtype: str | None = None,
+    device: str | None = None,
+    backend: str = "arrow",
+    shard_tokens: int = 1 << 20,
+    seed: int = 0,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    quiet: bool = False,
+    command: str | None = None,
+) -> BuildResult:
+    """Run ``teacher`` (a local Hugging Face model folder) over ``data`` and write the cache ``out``.
+
+    Options mirror ``softcache build --help``. Returns a :class:`BuildResult` (``.summary()`` is the
+    one-line report). Errors are ``ValueError`` subclasses whose message names the file, row or option.
+    """
+    t0 = time.perf_counter()
+    dist = Dist.from_env(device)
+    show = not quiet and dist.rank == 0 and sys.stderr.isatty()
+    dev = "map" if device == "map" else resolve_device(device, dist.local_rank)
+    torch_dtype = resolve_dtype(dtype, "cuda" if dev == "map" else dev)
+    temps = [float(t) for t in temperatures]
+    if targets == "sampled" and samples is None:
+        raise ValueError("--targets sampled needs --samples N (draws per position, e.g. 50)")
+
+    model, tokenizer = load_teacher(teacher, revision, trust_remote_code, torch_dtype, dev, show)
+    head = TeacherHead(model, k, targets, temps, samples, seed)
+    vocab = head.vocab_size
+    if len(tokenizer) > vocab:
+        raise TeacherError(
+            f"--teacher {teacher}: the tokenizer has {len(tokenizer)} tokens but the model's output layer only "
+            f"{vocab}; they do not belong together (check the folder, or resize the model's embeddings)"
+        )
+    if k > vocab:
+        raise ValueError(f"--k {k} is larger than the teacher's vocabulary ({vocab}); use --k ≤ {vocab}")
+
+    if not show:
+        import datasets
+
+        datasets.disable_progress_bars()
+    rows = load_rows(data, split, limit)
+    docs = tokenize(rows, data, tokenizer, field, chat_template, vocab, show)
+    seqs = Sequences(docs, max_length, pack, tokenizer.eos_token_id)
+    head.check_against_full_forward(torch.from_numpy(seqs[0][:16].copy())[None])
+
+    settings = dict(vocab_size=vocab, k=k, targets=targets, temperatures=temps, samples=samples, backend=backend,
+                    shard_tokens=shard_tokens, batch_tokens=min(4096, shard_tokens), seed=seed)
+    build_id = {
+        "teacher_config_sha256": config_hash(model.config),
+        "tokenizer_vocab_sha256": _vocab_fingerprint(tokenizer),
+        "data": os.path.abspath(data) if os.path.exists(data) else data,
+        "split": split, "field": field, "limit": limit, "chat_template": chat_template, "max_length": max_length,
+        "pack": pack, "k": k, "targets": targets, "samples": samples, "temperatures": temps,
+        "batch_tokens": batch_tokens, "dtype": str(torch_dtype).removeprefix("torch."), "backend": backend,
+        "shard_tokens": shard_tokens, "seed": seed, "world_size": dist.world,
+    }
+    metadata = {
+        "teacher": {"path": os.path.abspath(teacher) if os.path.exists(teacher) else teacher, "revision": revision,
+                    "class": type(model).__name__, "config_sha256": build_id["teacher_config_sha256"],
+                    "dtype": build_id["dtype"], "vocab_size": vocab},
+        "tokenizer": {"vocab_sha256": build_id["tokenizer_vocab_sha256"], "size": len(tokenizer)},
+        "softcache_version": __version__,
+        "command": command if command is not None else shlex.join(sys.argv),
+        "build": build_id,
+        "data": {"rows": len(rows), "empty_rows": docs.empty_rows, "sequences": len(seqs), "tokens": seqs.num_tokens},
+        "skipped_bad": [],
+        "complete": False,
+    }
+    result = BuildResult(out=out, skipped_empty=docs.empty_rows)
+    done = prepare_out(out, metadata, settings, overwrite, dist)
+    if done is not None:
+        return _finish(result, done, t0, already=True)
+
+    path = out if dist.world == 1 else rank_path(out, dist.rank, dist.world)
+    wins = rank_windows(windows(seqs.lengths, 8 * batch_tokens), seqs.lengths, dist.rank, dist.world)
+    with CacheWriter(path, **settings, metadata=metadata) as writer:
+        meta = writer.manifest["metadata"]
+        if not meta.get("complete"):
+            first = wins[0][0] if wins else 0
+            resume_at = first + writer.num_sequences + len(meta["skipped_bad"])
+            result.resumed_sequences = resume_at - first
+            result.built_tokens = _run(head, seqs, wins, resume_at, writer, meta, batch_tokens, skip_bad, show)
+            writer.flush()
+            meta["complete"] = True
+            save_manifest(writer.fs, writer.root, writer.manifest)
+    final = merge_rank_caches(out, settings, dist) if dist.world > 1 else writer.manifest
+    return _finish(result, final, t0)
+
+
+def _run(head, seqs, wins, resume_at, writer, meta, batch_tokens, skip_bad, show) -> int:
+    """Compute and write every sequence ≥ ``resume_at`` of ``wins``; returns the tokens written."""
+    from tqdm.auto import tqdm
+
+    todo = [(max(a, resume_at), b) for a, b in wins if b > resume_at]
+    total = int(sum(seqs.lengths[a:b].sum() for a, b in todo))
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="teacher", disable=not show, dynamic_ncols=True)
+    bg = BackgroundWriter(writer, head.targets_kind, meta["skipped_bad"])
+    pad = 0
+    written = 0
+    try:
+        for a, b in wins:
+            if b <= resume_at:
+                continue
+            results: dict[int, tuple | None] = {}
+            for group in batches(seqs.lengths, a, b, batch_tokens):
+                if max(group) < resume_at:
+                    continue  # all already committed; skipping a whole batch changes no other batch
+                lengths = [int(seqs.lengths[i]) for i in group]
+                ids = torch.full((len(group), max(lengths)), pad, dtype=torch.long)
+                for row, i in enumerate(group):
+                    ids[row, : lengths[row]] = torch.from_numpy(seqs[i])
+                out, bad = head.batch_targets(ids, lengths, group)
+                for row in bad:
+                    if not skip_bad:
+                        raise ValueError(
+                            f"teacher logits are NaN, +inf or all -inf in {seqs.describe(group[row])}; check the "
+                            "teacher's --dtype (fp16 overflows) and that sequence, or pass --skip-bad to skip such "
+                            "sequences (they are counted in the manifest)"
+                        )
+                    out[row] = None
+                results.update(zip(group, out, strict=True))
+                new = sum(n for i, n in zip(group, lengths, strict=True) if i >= resume_at)
+                written += new
+                bar.update(new)
+                bar.set_postfix(shards=len(writer.manifest["shards"]), refresh=False)
+            bg.put([(i, seqs[i], results[i]) for i in range(max(a, resume_at), b)])
+    finally:
+        bar.close()
+        bg.close()  # sequences already handed over are valid: write them, so that a rerun continues after them
+    return written
+
+
+def _finish(result: BuildResult, manifest: dict, t0: float, already: bool = False) -> BuildResult:
+    shards = manifest["shards"]
+    result.sequences = sum(s["sequences"] for s in shards)
+    result.tokens = sum(s["tokens"] for s in shards)
+    result.shards = len(shards)
+    result.bytes = sum(s["bytes"] for s in shards)
+    result.skipped_bad = len(manifest["metadata"].get("skipped_bad", []))
+    result.seconds = time.perf_counter() - t0
+    result.already_complete = already
+    return result
+
+
+def build_demo(out: str = "softcache-demo", *, quiet: bool = False, limit: int | None = None, **options) -> BuildResult:
+    """The embedded default: the shipped demo teacher over the shipped held-out corpus (see softcache/demo)."""
+    from .demo import DEMO_BUILD, corpus_path, teacher_path
+
+    kwargs = {**DEMO_BUILD, **options}
+    if limit is not None:
+        kwargs["limit"] = limit
+    result = build(str(teacher_path()), str(corpus_path("validation")), out, quiet=quiet, **kwargs)
+    result.next_steps = [
+        f"softcache info {out}            # what the cache holds, bytes per token",
+        f"softcache stats {out}           # teacher mass in the stored ids, tail mass, entropy",
+        f"python -c \"import softcache; c = softcache.open_cache('{out}'); print(c, c[0]['target_ids'].shape)\"",
+    ]
+    return result

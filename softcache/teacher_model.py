@@ -1,0 +1,203 @@
+"""The teacher side of the build: load a Hugging Face causal LM, run its body, and turn hidden states
+into sparse targets through the output layer in row chunks, so (batch × length × V) logits never exist.
+
+``TeacherHead.targets`` computes, on the model's device, per row: top-k ids and log-probs at T=1 and the
+normalisers ``n_τ = logsumexp(z/τ) − logsumexp(z)/τ`` (topk), or ``samples`` draws at the capture
+temperature reduced to unique ids and counts (sampled). Draws use one generator per sequence, seeded by
+(seed, sequence index), and are consumed per row, so they do not depend on batching or chunking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be used as given; the message says why and what to change."""
+
+
+def resolve_device(device: str | None, local_rank: int | None = None) -> str:
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and local_rank is not None:
+        device = f"cuda:{local_rank}"
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise TeacherError(f"--dtype {dtype!r} is not one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def config_hash(config) -> str:
+    d = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "dtype")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """SHA-256 of the tokenizer's vocabulary (token → id, added tokens included)."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
+def load_teacher(path: str, revision: str | None, trust_remote_code: bool, dtype: torch.dtype, device: str,
+                 progress: bool = False):
+    """→ (model, tokenizer); ``device == "map"`` spreads the model over the GPUs with ``device_map="auto"``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
+
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        if device == "map":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    except (OSError, ValueError) as e:
+        raise TeacherError(
+            f"--teacher {path}: cannot load a causal LM and its tokenizer ({type(e).__name__}: {e}). Give a local "
+            "folder written by save_pretrained (config.json, weights, tokenizer files); custom code needs "
+            "--trust-remote-code"
+        ) from None
+    model.eval()
+    return model, tokenizer
+
+
+@dataclass
+class TeacherHead:
+    """The body/output-layer split of a causal LM and the target computation over row chunks."""
+
+    model: torch.nn.Module
+    k: int
+    targets_kind: str
+    temperatures: list[float]
+    samples: int | None
+    seed: int
+    chunk_elements: int = 1 << 24
+
+    def __post_init__(self) -> None:
+        m = self.model
+        self.body = m.get_decoder() if hasattr(m, "get_decoder") else m.base_model
+        self.head = m.get_output_embeddings()
+        if self.body is None or self.body is m or self.head is None:
+            raise TeacherError(
+                f"{type(m).__name__} does not expose its transformer body (get_decoder) and output layer "
+                "(get_output_embeddings); softcache build needs both to avoid materialising full logits"
+            )
+        self.vocab_size = int(self.head.weight.shape[0])
+        cfg = m.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+        self.divide = getattr(cfg, "logits_scaling", None)  # Granite divides
+        self.input_device = next(self.body.parameters()).device
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.body(input_ids=input_ids.to(self.input_device), attention_mask=attention_mask.to(self.input_device),
+                        use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output layer on some rows of hidden states → fp32 logits (rows, V)."""
+        z = self.head(h.to(self.head.weight.device)).float()
+        if self.scale is not None:
+            z = z * self.scale
+        if self.divide is not None:
+            z = z / self.divide
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def check_against_full_forward(self, input_ids: torch.Tensor) -> None:
+        """The split must reproduce ``model(...).logits``: checked once on a short probe."""
+        mask = torch.ones_like(input_ids)
+        full = self.model(input_ids=input_ids.to(self.input_device), attention_mask=mask.to(self.input_device),
+                          use_cache=False).logits.float()
+        mine = self.logits(self.hidden(input_ids, mask))
+        tol = 1e-3 if self.head.weight.dtype == torch.float32 else 5e-2
+        err = (full.to(mine.device) - mine).abs().max().item()
+        if not err <= tol * max(1.0, full.abs().max().item()):
+            raise TeacherError(
+                f"{type(self.model).__name__}: body + output layer differ from the model's own logits by {err:.3g}; "
+                "this architecture post-processes its logits in a way softcache does not know. Please report it"
+            )
+
+    # -- targets -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def batch_targets(self, input_ids: torch.Tensor, lengths: list[int], seq_index: list[int]):
+        """Targets of a right-padded batch. → (per-sequence results, bad sequence positions in the batch).
+
+        Each result is (target_ids (L, k) int32, values (L, k): log-probs float32 or counts int32,
+        lognorm (L, n_temps) float64 or None).
+        """
+        lengths_t = torch.tensor(lengths)
+        mask = (torch.arange(input_ids.shape[1])[None] < lengths_t[:, None]).long()
+        h = self.hidden(input_ids, mask)
+        rows = h[mask.to(h.device).bool()]  # (N, H) valid positions, sequence after sequence
+        owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
+        uniforms = self._uniforms(lengths, seq_index, rows.device) if self.targets_kind == "sampled" else None
+        step = max(1, self.chunk_elements // self.vocab_size)
+        ids, vals, norms, bad = [], [], [], torch.zeros(len(lengths), dtype=torch.bool)
+        for a in range(0, rows.shape[0], step):
+            z = self.logits(rows[a : a + step])
+            broken = torch.isnan(z).any(-1) | torch.isposinf(z).any(-1) | torch.isneginf(z).all(-1)
+            if bool(broken.any()):
+                bad[owner[a : a + step][broken.cpu()]] = True
+                z = torch.where(broken[:, None], torch.zeros_like(z), z)
+            if self.targets_kind == "topk":
+                i, v, n = self._topk(z)
+                norms.append(n)
+            else:
+                i, v = self._sample(z, uniforms[a : a + step])
+            ids.append(i)
+            vals.append(v)
+        ids = torch.cat(ids).cpu().numpy()
+        vals = torch.cat(vals).cpu().numpy()
+        norms = torch.cat(norms).cpu().double().numpy() if norms else None
+        ends = np.cumsum(lengths)
+        out = []
+        for b, end in enumerate(ends):
+            s = slice(end - lengths[b], end)
+            out.append((ids[s], vals[s], None if norms is None else norms[s]))
+        return out, [b for b in range(len(lengths)) if bad[b]]
+
+    def _topk(self, z: torch.Tensor):
+        lse = torch.logsumexp(z, -1)
+        vals, idx = torch.topk(z, self.k, dim=-1)
+        idx = torch.where(torch.isneginf(vals), -1, idx).int()
+        lp = torch.where(idx >= 0, vals - lse[:, None], 0.0)
+        n = torch.stack([torch.logsumexp(z / t, -1) - lse / t for t in self.temperatures], -1)
+        return idx, lp, n
+
+    def _uniforms(self, lengths: list[int], seq_index: list[int], device) -> torch.Tensor:
+        out = []
+        for length, index in zip(lengths, seq_index, strict=True):
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0] >> 1))
+            out.append(torch.rand((length, self.samples), generator=gen, dtype=torch.float64))
+        return torch.cat(out).to(device)
+
+    def _sample(self, z: torch.Tensor, u: torch.Tensor):
+        """Inverse-CDF draws (float64 CDF) → unique ids by count, descending, and their counts."""
+        cdf = torch.cumsum(torch.softmax(z.double() / self.temperatures[0], -1), -1)
+        draws = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=z.shape[-1] - 1)
+        tally = torch.zeros(z.shape, dtype=torch.int32, device=z.device)
+        tally.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.int32))
+        counts, idx = torch.topk(tally, min(self.k, z.shape[-1]), dim=-1)
+        return torch.where(counts > 0, idx, -1).int(), counts
