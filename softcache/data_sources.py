@@ -35,7 +35,10 @@ def load_rows(spec: str, split: str = "train", limit: int | None = None):
 
     path = Path(spec)
     if path.is_dir() and any((path / m).exists() for m in _SAVED_MARKERS):
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - e.g. datasets cannot reload a saved dataset of 0 rows
+            raise DataError(f"{spec}: datasets cannot load this saved dataset ({type(e).__name__}: {e})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{spec} has splits {sorted(ds)}, not {split!r}; pass --split with one of them")
@@ -56,7 +59,13 @@ def load_rows(spec: str, split: str = "train", limit: int | None = None):
             raise DataError(f"{spec}: no such file")
         if split != "train":
             raise DataError(f"{spec}: data files hold a single split ('train'); drop --split {split}")
-        ds = datasets.load_dataset(builder, data_files=spec, split="train")
+        try:
+            ds = datasets.load_dataset(builder, data_files=spec, split="train")
+        except Exception as e:  # datasets wraps the reader's error; show the root cause
+            cause = e.__cause__ or e
+            raise DataError(
+                f"{spec}: cannot be read as {builder} ({type(cause).__name__}: {cause}); is it empty or damaged?"
+            ) from None
     if limit is not None:
         if limit < 1:
             raise DataError(f"--limit must be positive, got {limit}")

@@ -124,7 +124,7 @@ def build(
     head.check_against_full_forward(torch.from_numpy(seqs[0][:16].copy())[None])
 
     settings = dict(vocab_size=vocab, k=k, targets=targets, temperatures=temps, samples=samples, backend=backend,
-                    shard_tokens=shard_tokens, batch_tokens=min(4096, shard_tokens), seed=seed)
+                    shard_tokens=shard_tokens, batch_tokens=min(4096, max(1, shard_tokens // 4)), seed=seed)
     build_id = {
         "teacher_config_sha256": config_hash(model.config),
         "tokenizer_vocab_sha256": _vocab_fingerprint(tokenizer),
@@ -191,19 +191,22 @@ def _run(head, seqs, wins, resume_at, writer, meta, batch_tokens, skip_bad, show
                     ids[row, : lengths[row]] = torch.from_numpy(seqs[i])
                 out, bad = head.batch_targets(ids, lengths, group)
                 for row in bad:
-                    if not skip_bad:
-                        raise ValueError(
-                            f"teacher logits are NaN, +inf or all -inf in {seqs.describe(group[row])}; check the "
-                            "teacher's --dtype (fp16 overflows) and that sequence, or pass --skip-bad to skip such "
-                            "sequences (they are counted in the manifest)"
-                        )
                     out[row] = None
                 results.update(zip(group, out, strict=True))
                 new = sum(n for i, n in zip(group, lengths, strict=True) if i >= resume_at)
                 written += new
                 bar.update(new)
                 bar.set_postfix(shards=len(writer.manifest["shards"]), refresh=False)
-            bg.put([(i, seqs[i], results[i]) for i in range(max(a, resume_at), b)])
+            todo_here = range(max(a, resume_at), b)
+            first_bad = next((i for i in todo_here if results[i] is None), None)
+            if first_bad is not None and not skip_bad:
+                bg.put([(i, seqs[i], results[i]) for i in range(todo_here.start, first_bad)])
+                raise ValueError(
+                    f"teacher logits are NaN, +inf or all -inf in {seqs.describe(first_bad)}; check the teacher's "
+                    "--dtype (fp16 overflows) and that sequence, or pass --skip-bad to skip such sequences (they are "
+                    "counted in the manifest)"
+                )
+            bg.put([(i, seqs[i], results[i]) for i in todo_here])
     finally:
         bar.close()
         bg.close()  # sequences already handed over are valid: write them, so that a rerun continues after them
