@@ -1,5 +1,6 @@
 """Bad inputs to the teacher pass give one clear error naming the file, column, option or sequence."""
 
+# ruff: noqa: F811 - the shared fixtures `teacher` and `data` are imported from test_build, then requested by name
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from softcache.cli.main import main
 from test_build import TEXT, data, make_teacher, teacher, write_jsonl  # noqa: F401 - shared fixtures
 
 import softcache
-from softcache.cli.main import main
 from softcache.teacher import build
 
 

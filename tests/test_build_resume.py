@@ -1,6 +1,7 @@
 """A build killed part-way (SIGKILL, or an exception) and rerun ends with the same cache as an uninterrupted one;
 a different build on an existing cache is refused unless overwrite."""
 
+# ruff: noqa: F811 - the shared fixtures `teacher` and `data` are imported from test_build, then requested by name
 from __future__ import annotations
 
 import subprocess
