@@ -1,9 +1,18 @@
 """softcache.kernels: distillation losses between full-vocabulary student logits and sparse teacher targets.
 
 Depends on torch, and on triton when it is importable (CUDA; CPU tests use TRITON_INTERPRET=1);
-without triton everything runs on the chunked PyTorch implementation.
+without triton everything runs on the chunked PyTorch implementation. ``fused_linear_sparse_kl_loss`` takes the
+student's final hidden states and output layer instead of logits and never materialises the (N, V) logits;
+``softcache.kernels.hf`` applies it to Hugging Face causal LMs (importing transformers only when called).
 """
 
+from .fused_linear import FusedLinearSparseKLLoss, fused_linear_sparse_kl_loss
 from .sparse_kl import SparseKLLoss, sparse_kl_loss, triton_available
 
-__all__ = ["SparseKLLoss", "sparse_kl_loss", "triton_available"]
+__all__ = [
+    "FusedLinearSparseKLLoss",
+    "SparseKLLoss",
+    "fused_linear_sparse_kl_loss",
+    "sparse_kl_loss",
+    "triton_available",
+]

@@ -90,18 +90,23 @@ def flatten_inputs(
     target_ids: torch.Tensor,
     target_logprobs: torch.Tensor,
     labels: torch.Tensor | None,
+    name: str = "logits",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Check shapes, dtypes and devices; return (N, V) logits, (N, K) targets and (N,) labels."""
+    """Check shapes, dtypes and devices; return (N, V) logits, (N, K) targets and (N,) labels.
+
+    ``name`` is what error messages call the first tensor (``hidden`` for the fused loss, whose last dim is H).
+    """
+    last = "H" if name == "hidden" else "V"
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
-        raise ValueError("logits must be a tensor of shape (..., V)")
+        raise ValueError(f"{name} must be a tensor of shape (..., {last})")
     if logits.dtype not in LOGIT_DTYPES:
-        raise ValueError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     if target_ids.dtype.is_floating_point or target_ids.dtype == torch.bool:
         raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
     if target_ids.dim() < 1 or target_ids.shape[:-1] != lead:
         raise ValueError(
-            f"target_ids must have shape (..., K) with the leading dims of logits {tuple(lead)}, "
+            f"target_ids must have shape (..., K) with the leading dims of {name} {tuple(lead)}, "
             f"got {tuple(target_ids.shape)}"
         )
     if target_logprobs.shape != target_ids.shape:
@@ -113,17 +118,17 @@ def flatten_inputs(
         raise ValueError(f"target_logprobs must be a float tensor, got {target_logprobs.dtype}")
     k = target_ids.shape[-1]
     if k == 0 or vocab == 0:
-        raise ValueError(f"need V >= 1 and K >= 1, got V={vocab}, K={k}")
+        raise ValueError(f"need {last} >= 1 and K >= 1, got {last}={vocab}, K={k}")
     tensors = [("target_ids", target_ids), ("target_logprobs", target_logprobs)]
     if labels is not None:
         if labels.shape != lead:
-            raise ValueError(f"labels must have the leading shape of logits {tuple(lead)}, got {tuple(labels.shape)}")
+            raise ValueError(f"labels must have the leading shape of {name} {tuple(lead)}, got {tuple(labels.shape)}")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
         tensors.append(("labels", labels))
-    for name, t in tensors:
+    for t_name, t in tensors:
         if t.device != logits.device:
-            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}; move them to one device")
+            raise ValueError(f"{t_name} is on {t.device} but {name} is on {logits.device}; move them to one device")
     n = math.prod(lead)
     logits2d = logits.reshape(n, vocab)
     if logits2d.stride(-1) != 1:

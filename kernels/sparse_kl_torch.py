@@ -101,7 +101,8 @@ def sparse_kl_forward_torch(
 ) -> torch.Tensor:
     """Per-row losses (N,) float32 (0 where a row does not count); fills ``grad`` (N, V) when given.
 
-    ``scale`` (1,) multiplies every row's gradient (1/denominator for reduction='mean').
+    ``scale`` (1,) or (N,) multiplies every row's gradient (1/denominator for reduction='mean'; per-row factors
+    when the fused output layer recomputes the gradient with grad_output folded in).
     ``grad`` may alias ``logits``: each chunk's logits are fully read before its gradient is written.
     """
     n, vocab = logits.shape
@@ -138,9 +139,10 @@ def sparse_kl_forward_torch(
         if grad is None:
             continue
         zero = torch.zeros_like(d)
-        soft = torch.where(counted, scale_c * (cfg.soft_weight * inv_t), zero)
+        sc = scale_c if scale_c.numel() == 1 else scale_c[r0:r1]
+        soft = torch.where(counted, sc * (cfg.soft_weight * inv_t), zero)
         dense_c = -big_a * soft
-        ce_c = torch.where(lab_ok, scale_c * cfg.ce_weight, zero) if cfg.has_ce else zero
+        ce_c = torch.where(lab_ok, sc * cfg.ce_weight, zero) if cfg.has_ce else zero
         if logq is None:
             g = torch.zeros((r1 - r0, vocab), dtype=compute, device=logits.device)
         else:

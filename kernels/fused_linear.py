@@ -1,0 +1,299 @@
+r"""The sparse distillation loss fused with the output layer: ``sparse_kl_loss(hidden @ weight.T + bias, ...)``
+without ever holding the (N, V) logits.
+
+Math. Everything ``sparse_kl_loss`` needs from a row of logits z (see ``sparse_kl.py``) is
+
+    lse_s = logsumexp(z / T)   (not for tail='restrict'),   lse_z = logsumexp(z)   (cross-entropy, T != 1),
+    z at the K target ids and at the label.
+
+From these few numbers per row the loss follows, and so do per-row coefficients (the row math of
+``sparse_kl_torch.row_terms``) that give the gradient of the logits as
+
+    dZ_j = c_s softmax(z / T)_j + c_z softmax(z)_j + sum_k coef_k 1(j = id_k)   (+ coef_label 1(j = label)),
+
+so that dH = dZ W, dW = dZ^T H and db = sum_rows dZ. The Triton backend (``fused_linear_triton.py``) computes
+the first list in one tiled pass over ``H W^T`` (online log-sum-exp, Cut Cross-Entropy style), and in backward
+recomputes each tile, forms dZ and consumes it at once into dH, dW and db with fp32 accumulation. Memory beyond
+the inputs and their gradients: O(N K) for the per-row state, an fp32 (N, H) accumulator for dH and an fp32 slice
+of dW (``SLICE_ELEMENTS``); no (N, V) buffer. Time: the forward matmul, then in backward the recompute plus the
+dH and dW products.
+
+The PyTorch backend (``fused_linear_torch.py``) processes chunks of rows (at most chunk x V logits at a time)
+and computes the gradients in forward already when the reduction is 'mean' or 'sum' (backward only scales them by
+grad_output); with reduction='none' the per-row grad_output is unknown in forward, so it recomputes in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import LossConfig, counted_rows, flatten_inputs, make_config, row_scale
+from ._common import check_ids as _check_ids
+from .fused_linear_torch import fused_linear_torch
+from .sparse_kl import _triton_module, _use_triton
+from .sparse_kl_torch import row_terms
+
+
+def _fused_triton():
+    if not _triton_module():
+        return None
+    from . import fused_linear_triton
+
+    return fused_linear_triton
+
+
+def _plan(cfg: LossConfig) -> tuple[bool, bool, bool]:
+    """(need_s, need_z, shared): which log-normalisers the loss needs; shared = the CE reuses lse_s (T = 1)."""
+    need_s = cfg.tail != 2
+    shared = cfg.has_ce and need_s and cfg.temperature == 1.0
+    return need_s, cfg.has_ce and not shared, shared
+
+
+def _extended_ids(target_ids, labels, vocab, cfg):
+    """(N, K [+1]) int32 ids to gather and fix up: -1 where a slot is padding/out of range, the label last with CE."""
+    ids = target_ids.long()
+    ids = torch.where((ids >= 0) & (ids < vocab), ids, torch.full_like(ids, -1))
+    if cfg.has_ce:
+        lab = labels.long()
+        ok = (lab >= 0) & (lab < vocab) & (lab != cfg.ignore_index) & (ids >= 0).any(-1)
+        ids = torch.cat([ids, torch.where(ok, lab, torch.full_like(lab, -1))[:, None]], dim=1)
+    return ids.to(torch.int32).contiguous()
+
+
+def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab, scale, cfg):
+    """Per-row losses (N,) and the gradient coefficients: coef (N, K [+1]) at the extended ids and row (4, N) =
+    (lse_s, c_s, lse_z, c_z), with lse = +inf on rows that do not count (their dense gradient is then exactly 0)."""
+    need_s, need_z, shared = _plan(cfg)
+    k = target_ids.shape[1]
+    ids = target_ids.long()
+    valid = (ids >= 0) & (ids < vocab)
+    counted = valid.any(-1)
+    if labels is not None:
+        counted = counted & (labels.long() != cfg.ignore_index)
+    inv_t = 1.0 / cfg.temperature
+    s_k = zg[:, :k] * inv_t
+    lq_k = s_k - lse_s[:, None] if need_s else None
+    d, big_a, a = row_terms(s_k, lq_k, target_logprobs.float(), valid, cfg)
+    zero = torch.zeros_like(d)
+    row = cfg.soft_weight * d
+    soft = torch.where(counted, scale * (cfg.soft_weight * inv_t), zero)
+    coef = torch.where(valid, a * soft[:, None], torch.zeros_like(a))
+    c_s = -big_a * soft if need_s else zero
+    c_z = zero
+    if cfg.has_ce:
+        lab = labels.long()
+        lab_ok = counted & (lab >= 0) & (lab < vocab)
+        row = row + cfg.ce_weight * ((lse_s if shared else lse_z) - zg[:, k])
+        ce_c = torch.where(lab_ok, scale * cfg.ce_weight, zero)
+        coef = torch.cat([coef, -ce_c[:, None]], dim=1)
+        if shared:
+            c_s = c_s + ce_c
+        else:
+            c_z = ce_c
+    inf = torch.full_like(d, float("inf"))
+    lse_s = torch.where(counted, lse_s, inf) if need_s else inf
+    lse_z = torch.where(counted, lse_z, inf) if need_z else inf
+    losses = torch.where(counted, row, zero)
+    return losses, coef.contiguous(), torch.stack([lse_s, c_s, lse_z, c_z]).contiguous()
+
+
+class FusedLinearSparseKLFunction(torch.autograd.Function):
+    """Forward computes the loss (torch backend, 'mean'/'sum': also the gradients); backward recomputes or scales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_ids, target_logprobs, labels, scale, cfg, reduction, use_triton,
+                skip_eps):  # fmt: skip
+        """hidden (N, H), weight (V, H), bias (V,) or None, targets (N, K), labels (N,) or None, scale (1,)."""
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        any_grad = any(needs)
+        vocab = weight.shape[0]
+        ctx.needs, ctx.cfg = needs, cfg
+        if use_triton:
+            ops = _fused_triton()
+            need_s, need_z, _ = _plan(cfg)
+            ids_ext = _extended_ids(target_ids, labels, vocab, cfg)
+            lse_s, lse_z, zg = ops.fused_forward_triton(hidden, weight, bias, ids_ext, 1.0 / cfg.temperature, need_s,
+                                                         need_z)  # fmt: skip
+            losses, coef, row = _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab,
+                                                  scale, cfg)  # fmt: skip
+            ctx.mode = "triton"
+            ctx.skip_eps = skip_eps
+            if any_grad:
+                ctx.save_for_backward(hidden, weight, bias, ids_ext, coef, row)
+        elif any_grad and reduction != "none":
+            losses, ctx.grads = fused_linear_torch(hidden, weight, bias, target_ids, target_logprobs, labels, scale,
+                                                   cfg, needs)  # fmt: skip
+            ctx.mode = "scale"
+        else:
+            losses, _ = fused_linear_torch(hidden, weight, bias, target_ids, target_logprobs, labels, scale, cfg,
+                                           (False, False, False))  # fmt: skip
+            ctx.mode = "recompute"
+            if any_grad:
+                ctx.save_for_backward(hidden, weight, bias, target_ids, target_logprobs, labels, scale)
+        if reduction == "none":
+            return losses
+        return (losses.sum() * scale).reshape(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        go = grad_output.float().reshape(-1)  # (1,) for 'mean'/'sum', (N,) for 'none'
+        if ctx.mode == "scale":
+            grads = tuple(None if g is None else g * go.to(g.dtype) for g in ctx.grads)
+            ctx.grads = None
+        elif ctx.mode == "recompute":
+            hidden, weight, bias, target_ids, target_logprobs, labels, scale = ctx.saved_tensors
+            _, grads = fused_linear_torch(hidden, weight, bias, target_ids, target_logprobs, labels, scale * go,
+                                          ctx.cfg, ctx.needs)  # fmt: skip
+        else:
+            hidden, weight, bias, ids_ext, coef, row = ctx.saved_tensors
+            need_s, need_z, shared = _plan(ctx.cfg)
+            coef = coef * (go[:, None] if go.numel() > 1 else go)
+            row = torch.stack([row[0], row[1] * go, row[2], row[3] * go])
+            grads = _fused_triton().fused_backward_triton(
+                hidden, weight, bias, ids_ext, coef, row, 1.0 / ctx.cfg.temperature, need_s, need_z, ctx.needs,
+                ctx.skip_eps,
+            )  # fmt: skip
+        return (*grads, *(None,) * 8)
+
+
+def _check_head(hidden, weight, bias):
+    h = hidden.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != h:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must have shape (V, H={h}) like nn.Linear(H, V).weight, got {shape}")
+    vocab = weight.shape[0]
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,)):
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must have shape (V={vocab},), got {shape}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move them to one device")
+        if t.dtype != hidden.dtype:
+            raise ValueError(
+                f"{name} is {t.dtype} but hidden is {hidden.dtype}; cast one of them, or run under torch.autocast, "
+                "which casts all three to the autocast dtype"
+            )
+
+
+def fused_linear_sparse_kl_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    tail: str = "bucket",
+    beta: float = 0.5,
+    labels: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    scale_by_t2: bool = True,
+    backend: str = "auto",
+    check_ids: bool = True,
+    grad_skip_eps: float = 0.0,
+) -> torch.Tensor:
+    """``sparse_kl_loss(hidden @ weight.T + bias, target_ids, target_logprobs, ...)`` without the (N, V) logits.
+
+    Args:
+        hidden: (..., H) final hidden states of the student (after the final norm), e.g. (B, T, H).
+        weight: (V, H) output-layer weight (``lm_head.weight``; tied input embeddings work as they are).
+        target_ids, target_logprobs: (..., K) sparse teacher targets, as for :func:`sparse_kl_loss`.
+        bias: optional (V,) output-layer bias.
+        temperature, kind, tail, beta, labels, alpha, ignore_index, reduction, num_items_in_batch, scale_by_t2,
+            backend, check_ids: exactly as for :func:`sparse_kl_loss` (``inplace_grad`` has no meaning here).
+        grad_skip_eps: Triton backend only. When > 0, backward skips a (rows x vocab) tile whose softmax
+            probabilities are all below this value and which holds no target id or label (the Cut Cross-Entropy
+            filter; CCE uses eps(dtype) / 32, i.e. 2**-12 for bf16). Approximate: the dropped gradient is at most
+            ``grad_skip_eps * tile size`` per row; 0 (default) computes every tile.
+
+    hidden, weight and bias must share one dtype (under ``torch.autocast`` they are cast to the autocast dtype)
+    and one device. Gradients flow to hidden, weight and bias.
+
+    Returns:
+        float32 scalar (per-row float32 of shape ``hidden.shape[:-1]`` for reduction='none').
+    """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    cfg = make_config(
+        temperature=temperature, kind=kind, tail=tail, beta=beta, has_labels=labels is not None, alpha=alpha,
+        ignore_index=ignore_index, reduction=reduction, scale_by_t2=scale_by_t2,
+    )  # fmt: skip
+    grad_skip_eps = float(grad_skip_eps)
+    if not 0.0 <= grad_skip_eps < 1.0:
+        raise ValueError(f"grad_skip_eps must be in [0, 1) (a probability threshold), got {grad_skip_eps}")
+    lead = hidden.shape[:-1] if isinstance(hidden, torch.Tensor) else ()
+    hidden2d, ids2d, lp2d, labels1d = flatten_inputs(hidden, target_ids, target_logprobs, labels, name="hidden")
+    _check_head(hidden2d, weight, bias)
+    use_triton = _use_triton(backend, hidden2d.device)
+    if use_triton and hidden2d.dtype == torch.float64:
+        raise ValueError("the Triton backend takes float16, bfloat16 or float32; use backend='torch' for float64")
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    vocab = weight.shape[0]
+    if check_ids:
+        _check_ids(vocab, ids2d, labels1d, cfg.ignore_index)
+    scale = row_scale(reduction, counted_rows(vocab, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
+    out = FusedLinearSparseKLFunction.apply(
+        hidden2d, weight, bias, ids2d, lp2d.detach(), labels1d, scale, cfg, reduction, use_triton, grad_skip_eps
+    )
+    return out.reshape(lead) if reduction == "none" else out
+
+
+class FusedLinearSparseKLLoss(nn.Module):
+    """Module form of :func:`fused_linear_sparse_kl_loss`; the constructor takes its keyword options.
+
+    ``forward(hidden, weight, target_ids, target_logprobs, bias=None, labels=None, num_items_in_batch=None)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        kind: str = "forward_kl",
+        tail: str = "bucket",
+        beta: float = 0.5,
+        alpha: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        scale_by_t2: bool = True,
+        backend: str = "auto",
+        check_ids: bool = True,
+        grad_skip_eps: float = 0.0,
+    ) -> None:
+        super().__init__()
+        make_config(
+            temperature=temperature, kind=kind, tail=tail, beta=beta, has_labels=True, alpha=alpha,
+            ignore_index=ignore_index, reduction=reduction, scale_by_t2=scale_by_t2,
+        )  # fmt: skip
+        self.options = dict(
+            temperature=temperature, kind=kind, tail=tail, beta=beta, alpha=alpha, ignore_index=ignore_index,
+            reduction=reduction, scale_by_t2=scale_by_t2, backend=backend, check_ids=check_ids,
+            grad_skip_eps=grad_skip_eps,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_logprobs: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_linear_sparse_kl_loss(
+            hidden, weight, target_ids, target_logprobs, bias, labels=labels, num_items_in_batch=num_items_in_batch,
+            **self.options,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

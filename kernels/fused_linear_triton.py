@@ -1,0 +1,331 @@
+"""Triton kernels of the fused output layer + sparse distillation loss: logits ``z = h W^T + b`` exist only as tiles.
+
+Forward (``_fused_forward_kernel``). A program owns ``BLOCK_M`` rows and a contiguous range of vocabulary tiles
+(a "split"; splits give the GPU enough programs when N is small). For each ``BLOCK_M x BLOCK_N`` tile it
+computes ``z`` with ``tl.dot`` over H in ``BLOCK_H`` steps (fp32 accumulator), then
+
+- updates a per-row online max/sum of ``s = z / T`` (and of ``z`` at T = 1 when a cross-entropy is mixed in
+  and cannot share the first one), kept in registers across the split's tiles and written once per split;
+- copies out the logits at the K target ids and the label (the "gathered" logits, ``(N, K + 1)``); each id
+  falls into exactly one tile, so every slot is written by exactly one program and no atomics are needed.
+
+The per-split partial sums are merged into ``lse_s``/``lse_z`` on the host side of the launcher (an ``(S, N)``
+logsumexp). Everything else the loss needs follows from these per-row numbers (``fused_linear.py``).
+
+Backward (``_fused_backward_kernel``). One program per (row block, vocabulary tile) recomputes ``z`` and forms
+
+    dZ = dense_s * softmax(z / T) + dense_z * softmax(z) + sum_k coef_k * 1(j = id_k)
+
+from per-row coefficients (already multiplied by grad_output), then consumes it at once:
+``dH[rows] += dZ W[tile]`` and ``dW[tile] += dZ^T H[rows]`` in ``BLOCK_H`` steps, and ``db[tile] += sum_rows dZ``,
+all accumulated with fp32 atomics (the order of additions, hence the last bits, is not deterministic).
+``dZ`` is cast to the inputs' dtype for the two products, as the gradient of materialised logits would be.
+Tiles without a dense term and without a target id (tail='restrict' without cross-entropy) are exactly zero and
+skipped before any matmul; with ``skip_eps`` > 0, tiles whose softmax probabilities are all below it and that hold
+no target id are skipped too (the Cut Cross-Entropy filter; off by default).
+
+The weight gradient is accumulated in fp32 over slices of the vocabulary (``SLICE_ELEMENTS`` per slice), so the
+fp32 buffer stays small when the weight is bf16; dH is accumulated in one fp32 (N, H) buffer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# fp32 elements of the per-slice weight-gradient accumulator (128 MiB); slices are whole tiles.
+SLICE_ELEMENTS = 1 << 25
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """fp32 tile z[rows, cols] = h[rows] . w[cols] (+ b[cols]); out-of-range rows/cols read as 0."""
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + offs_h
+        a = tl.load(h_ptr + rows[:, None] * h_stride + hh[None, :], mask=(rows[:, None] < N) & (hh[None, :] < H),
+                    other=0.0)  # fmt: skip
+        b = tl.load(w_ptr + cols[None, :] * w_stride + hh[:, None], mask=(cols[None, :] < V) & (hh[:, None] < H),
+                    other=0.0)  # fmt: skip
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _online_lse(m, d, x):
+    """Merge the rows of tile x (-inf where masked) into running max m and sum d of exp(x - m)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+    return m_new, d
+
+
+@triton.jit
+def _fused_forward_kernel(
+    h_ptr, h_stride, w_ptr, w_stride, b_ptr, ids_ptr, ids_stride, zg_ptr, part_ptr,
+    N, V, H, K1, tiles_per_split, inv_t,
+    HAS_BIAS: tl.constexpr, NEED_S: tl.constexpr, NEED_Z: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < N
+    m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    d_s = tl.zeros((BLOCK_M,), tl.float32)
+    m_z = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    d_z = tl.zeros((BLOCK_M,), tl.float32)
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(V, BLOCK_N))
+    for t in range(t_begin, t_end):
+        v0 = t * BLOCK_N
+        cols = (v0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS,
+                         BLOCK_M, BLOCK_N, BLOCK_H, PRECISION)  # fmt: skip
+        z = tl.where(cols[None, :] < V, z, NEG_INF)
+        if NEED_S:
+            m_s, d_s = _online_lse(m_s, d_s, z * inv_t)
+        if NEED_Z:
+            m_z, d_z = _online_lse(m_z, d_z, z)
+        for k in range(0, K1):
+            idk = tl.load(ids_ptr + rows * ids_stride + k, mask=row_ok, other=-1).to(tl.int64)
+            hit = (idk >= v0) & (idk < v0 + BLOCK_N)
+            if tl.max(hit.to(tl.int32), axis=0) > 0:
+                val = tl.sum(tl.where(cols[None, :] == idk[:, None], z, 0.0), axis=1)
+                tl.store(zg_ptr + rows * K1 + k, val, mask=hit)
+    # part[(0..3), split, row] = m_s, d_s, m_z, d_z
+    out = part_ptr + split * N + rows
+    stride = n_splits * N
+    tl.store(out, m_s, mask=row_ok)
+    tl.store(out + stride, d_s, mask=row_ok)
+    tl.store(out + 2 * stride, m_z, mask=row_ok)
+    tl.store(out + 3 * stride, d_z, mask=row_ok)
+
+
+@triton.jit
+def _fused_backward_kernel(
+    h_ptr, h_stride, w_ptr, w_stride, b_ptr, ids_ptr, ids_stride, coef_ptr, row_ptr,
+    dh_ptr, dh_stride, dw_ptr, dw_stride, db_ptr,
+    N, V, H, K1, v_begin, v_end, inv_t, skip_eps,
+    HAS_BIAS: tl.constexpr, DENSE_S: tl.constexpr, DENSE_Z: tl.constexpr, SKIP: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    # Grouped program order: GROUP_M row blocks sweep the slice's tiles together, so W tiles are reused from L2.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N, BLOCK_M)
+    n_n = tl.cdiv(v_end - v_begin, BLOCK_N)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    v0 = v_begin + pid_n * BLOCK_N
+    cols = (v0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    col_ok = cols < v_end
+
+    # Sparse part first: it is cheap, and whether the tile holds a target id decides whether it can be skipped.
+    sparse = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_hits = 0
+    for k in range(0, K1):
+        idk = tl.load(ids_ptr + rows * ids_stride + k, mask=row_ok, other=-1).to(tl.int64)
+        hit = (idk >= v0) & (idk < v0 + BLOCK_N)
+        hits = tl.sum(hit.to(tl.int32), axis=0)
+        if hits > 0:
+            ck = tl.load(coef_ptr + rows * K1 + k, mask=hit, other=0.0)
+            sparse += tl.where(cols[None, :] == idk[:, None], ck[:, None], 0.0)
+        n_hits += hits
+
+    work = n_hits
+    if DENSE_S or DENSE_Z:
+        work = 1
+    if work > 0:
+        z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS,
+                         BLOCK_M, BLOCK_N, BLOCK_H, PRECISION)  # fmt: skip
+        dz = sparse
+        prob = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # row_ptr holds (4, N): lse_s, dense_s, lse_z, dense_z; lse = +inf for rows that do not count.
+        if DENSE_S:
+            lse_s = tl.load(row_ptr + rows, mask=row_ok, other=float("inf"))
+            c_s = tl.load(row_ptr + N + rows, mask=row_ok, other=0.0)
+            p_s = tl.exp(z * inv_t - lse_s[:, None])
+            dz += c_s[:, None] * p_s
+            prob += p_s
+        if DENSE_Z:
+            lse_z = tl.load(row_ptr + 2 * N + rows, mask=row_ok, other=float("inf"))
+            c_z = tl.load(row_ptr + 3 * N + rows, mask=row_ok, other=0.0)
+            p_z = tl.exp(z - lse_z[:, None])
+            dz += c_z[:, None] * p_z
+            prob += p_z
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        dz = tl.where(tile_ok, dz, 0.0)
+        keep = 1
+        if SKIP:
+            big = tl.max(tl.max(tl.where(tile_ok, prob, 0.0), axis=1), axis=0) >= skip_eps
+            keep = tl.maximum(big.to(tl.int32), (n_hits > 0).to(tl.int32))
+        if keep > 0:
+            if COMPUTE_DB:
+                tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
+            dz_mm = dz.to(h_ptr.dtype.element_ty)
+            offs_h = tl.arange(0, BLOCK_H)
+            for h0 in range(0, H, BLOCK_H):
+                hh = h0 + offs_h
+                h_ok = hh < H
+                if COMPUTE_DH:
+                    w = tl.load(w_ptr + cols[:, None] * w_stride + hh[None, :], mask=col_ok[:, None] & h_ok[None, :],
+                                other=0.0)  # fmt: skip
+                    dh = tl.dot(dz_mm, w, input_precision=PRECISION)
+                    tl.atomic_add(dh_ptr + rows[:, None] * dh_stride + hh[None, :], dh,
+                                  mask=row_ok[:, None] & h_ok[None, :], sem="relaxed")  # fmt: skip
+                if COMPUTE_DW:
+                    a = tl.load(h_ptr + rows[:, None] * h_stride + hh[None, :], mask=row_ok[:, None] & h_ok[None, :],
+                                other=0.0)  # fmt: skip
+                    dw = tl.dot(tl.trans(dz_mm), a, input_precision=PRECISION)
+                    tl.atomic_add(dw_ptr + (cols - v_begin)[:, None] * dw_stride + hh[None, :], dw,
+                                  mask=col_ok[:, None] & h_ok[None, :], sem="relaxed")  # fmt: skip
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _blocks(hidden: torch.Tensor) -> dict:
+    """Tile sizes. Untuned starting points on Hopper (no GPU was available when they were chosen); tiny under
+    the interpreter so that CPU tests cover several tiles, splits and H steps."""
+    if _interpreted():
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_H=16, num_warps=4)
+    block_h = 64 if hidden.dtype != torch.float32 else 32
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_H=block_h, num_warps=8, num_stages=3)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 products follow torch's matmul precision setting ('highest' = exact fp32, else TF32)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
+
+
+def _merge_lse(m: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """logsumexp over splits from (S, N) partial maxima and sums; -inf for a row with no terms."""
+    mx = m.max(0).values
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    return mx + (d * torch.exp(m - mx)).sum(0).log()
+
+
+def fused_forward_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids_ext: torch.Tensor,
+    inv_t: float,
+    need_s: bool,
+    need_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row log-normalisers and gathered logits without materialising (N, V).
+
+    hidden (N, H) and weight (V, H) with unit last stride, bias (V,) or None, ids_ext (N, K1) int with -1 where
+    nothing is to be gathered. Returns lse_s = logsumexp(z / T) (N,) (when need_s), lse_z = logsumexp(z) (N,)
+    (when need_z) and the fp32 logits at ids_ext (N, K1) (0 where the id is -1).
+    """
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    k1 = ids_ext.shape[1]
+    cfg = _blocks(hidden)
+    n_m = triton.cdiv(n, cfg["BLOCK_M"])
+    n_tiles = triton.cdiv(vocab, cfg["BLOCK_N"])
+    splits = max(1, min(n_tiles, triton.cdiv(_target_programs(hidden.device), n_m)))
+    per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, per_split)
+    zg = torch.zeros((n, k1), dtype=torch.float32, device=hidden.device)
+    part = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
+    _fused_forward_kernel[(n_m, splits)](
+        hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
+        ids_ext, ids_ext.stride(0), zg, part,
+        n, vocab, h, k1, per_split, inv_t,
+        HAS_BIAS=bias is not None, NEED_S=need_s, NEED_Z=need_z, PRECISION=_precision(hidden.dtype), **cfg,
+    )  # fmt: skip
+    lse_s = _merge_lse(part[0], part[1]) if need_s else None
+    lse_z = _merge_lse(part[2], part[3]) if need_z else None
+    return lse_s, lse_z, zg
+
+
+def fused_backward_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids_ext: torch.Tensor,
+    coef: torch.Tensor,
+    row: torch.Tensor,
+    inv_t: float,
+    dense_s: bool,
+    dense_z: bool,
+    needs: tuple[bool, bool, bool],
+    skip_eps: float,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dH, dW, db) in the dtypes of hidden, weight and bias (None where not needed).
+
+    coef (N, K1) fp32: the gradient at ids_ext; row (4, N) fp32: lse_s, dense coefficient of softmax(z / T),
+    lse_z, dense coefficient of softmax(z) (all already multiplied by grad_output and the mean's 1/denominator).
+    """
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    k1 = ids_ext.shape[1]
+    cfg = _blocks(hidden)
+    cfg.pop("num_stages", None)
+    need_dh, need_dw, need_db = needs
+    dev = hidden.device
+    dh32 = torch.zeros((n, h), dtype=torch.float32, device=dev) if need_dh else None
+    db32 = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    # An fp32 weight accumulates straight into its gradient; a half one through an fp32 slice of whole tiles.
+    block_n = cfg["BLOCK_N"]
+    direct = weight.dtype == torch.float32
+    slice_rows = vocab if direct else max(block_n, SLICE_ELEMENTS // max(h, 1) // block_n * block_n)
+    dw = dw32 = None
+    if need_dw:
+        dw = torch.zeros_like(weight) if direct else torch.empty_like(weight)
+        if not direct:
+            dw32 = torch.empty((min(slice_rows, vocab), h), dtype=torch.float32, device=dev)
+    dummy = hidden.new_zeros(1, dtype=torch.float32)
+    for v_begin in range(0, vocab, slice_rows):
+        v_end = min(vocab, v_begin + slice_rows)
+        acc = None
+        if need_dw:
+            acc = dw[v_begin:v_end] if dw32 is None else dw32[: v_end - v_begin].zero_()
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(v_end - v_begin, block_n),)
+        _fused_backward_kernel[grid](
+            hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
+            ids_ext, ids_ext.stride(0), coef, row,
+            dh32 if need_dh else dummy, h, acc if acc is not None else dummy, h, db32 if need_db else dummy,
+            n, vocab, h, k1, v_begin, v_end, inv_t, skip_eps,
+            HAS_BIAS=bias is not None, DENSE_S=dense_s, DENSE_Z=dense_z, SKIP=skip_eps > 0,
+            COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db, GROUP_M=8,
+            PRECISION=_precision(hidden.dtype), **cfg,
+        )  # fmt: skip
+        if dw32 is not None:
+            dw[v_begin:v_end] = acc
+    return (
+        dh32.to(hidden.dtype) if need_dh else None,
+        dw,
+        db32.to(bias.dtype) if need_db else None,
+    )
