@@ -174,8 +174,9 @@ def build(teacher, data, out, temperatures, **options) -> None:
         _fail("--out is required with --teacher/--data: the cache directory or URL to write")
     else:
         result = _run(build_cache, teacher, data, out, temperatures=temps, **options)
-    click.echo(result.summary())
-    if result.next_steps:
+    if result.is_main:
+        click.echo(result.summary())
+    if result.is_main and result.next_steps:
         click.echo("next:\n  " + "\n  ".join(result.next_steps))
 
 

@@ -45,6 +45,7 @@ class BuildResult:
     skipped_bad: int = 0
     skipped_empty: int = 0
     already_complete: bool = False
+    is_main: bool = True  # False on ranks other than 0 of a torchrun build: they print nothing
     next_steps: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -146,7 +147,7 @@ def build(
         "skipped_bad": [],
         "complete": False,
     }
-    result = BuildResult(out=out, skipped_empty=docs.empty_rows)
+    result = BuildResult(out=out, skipped_empty=docs.empty_rows, is_main=dist.rank == 0)
     done = prepare_out(out, metadata, settings, overwrite, dist)
     if done is not None:
         return _finish(result, done, t0, already=True)
