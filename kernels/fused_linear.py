@@ -62,8 +62,10 @@ def _extended_ids(target_ids, labels, vocab, cfg):
 
 
 def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab, scale, cfg):
-    """Per-row losses (N,) and the gradient coefficients: coef (N, K [+1]) at the extended ids and row (4, N) =
-    (lse_s, c_s, lse_z, c_z), with lse = +inf on rows that do not count (their dense gradient is then exactly 0)."""
+    """Per-row losses (N,) and the gradient coefficients: coef (N, K [+1]) at the extended ids and row (6, N) =
+    (max_s, logsum_s, c_s, max_z, logsum_z, c_z), where lse_* = (max, logsum) pairs from the forward kernel
+    (logsumexp = max + logsum, kept apart for accuracy) and max = +inf on rows that do not count (their dense
+    gradient is then exactly 0)."""
     need_s, need_z, shared = _plan(cfg)
     k = target_ids.shape[1]
     ids = target_ids.long()
@@ -73,7 +75,7 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
         counted = counted & (labels.long() != cfg.ignore_index)
     inv_t = 1.0 / cfg.temperature
     s_k = zg[:, :k] * inv_t
-    lq_k = s_k - lse_s[:, None] if need_s else None
+    lq_k = (s_k - lse_s[0][:, None]) - lse_s[1][:, None] if need_s else None
     d, big_a, a = row_terms(s_k, lq_k, target_logprobs.float(), valid, cfg)
     zero = torch.zeros_like(d)
     row = cfg.soft_weight * d
@@ -84,7 +86,8 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
     if cfg.has_ce:
         lab = labels.long()
         lab_ok = counted & (lab >= 0) & (lab < vocab)
-        row = row + cfg.ce_weight * ((lse_s if shared else lse_z) - zg[:, k])
+        m_ce, l_ce = lse_s if shared else lse_z
+        row = row + cfg.ce_weight * ((m_ce - zg[:, k]) + l_ce)
         ce_c = torch.where(lab_ok, scale * cfg.ce_weight, zero)
         coef = torch.cat([coef, -ce_c[:, None]], dim=1)
         if shared:
@@ -92,10 +95,10 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
         else:
             c_z = ce_c
     inf = torch.full_like(d, float("inf"))
-    lse_s = torch.where(counted, lse_s, inf) if need_s else inf
-    lse_z = torch.where(counted, lse_z, inf) if need_z else inf
+    m_s, l_s = (torch.where(counted, lse_s[0], inf), lse_s[1]) if need_s else (inf, zero)
+    m_z, l_z = (torch.where(counted, lse_z[0], inf), lse_z[1]) if need_z else (inf, zero)
     losses = torch.where(counted, row, zero)
-    return losses, coef.contiguous(), torch.stack([lse_s, c_s, lse_z, c_z]).contiguous()
+    return losses, coef.contiguous(), torch.stack([m_s, l_s, c_s, m_z, l_z, c_z]).contiguous()
 
 
 class FusedLinearSparseKLFunction(torch.autograd.Function):
@@ -149,7 +152,9 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
             hidden, weight, bias, ids_ext, coef, row = ctx.saved_tensors
             need_s, need_z, shared = _plan(ctx.cfg)
             coef = coef * (go[:, None] if go.numel() > 1 else go)
-            row = torch.stack([row[0], row[1] * go, row[2], row[3] * go])
+            row = row.clone()
+            row[2] *= go  # the two dense coefficients; maxima and log-sums stay
+            row[5] *= go
             grads = _fused_triton().fused_backward_triton(
                 hidden, weight, bias, ids_ext, coef, row, 1.0 / ctx.cfg.temperature, need_s, need_z, ctx.needs,
                 ctx.skip_eps,

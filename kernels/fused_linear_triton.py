@@ -42,9 +42,19 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (interpreter only): triton 3.9's interpreter multiplies bf16 operands wrongly, so they
+    are widened to fp32 first, which is exact for the products of bf16 numbers."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _logits_tile(
     h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """fp32 tile z[rows, cols] = h[rows] . w[cols] (+ b[cols]); out-of-range rows/cols read as 0."""
     offs_h = tl.arange(0, BLOCK_H)
@@ -55,7 +65,7 @@ def _logits_tile(
                     other=0.0)  # fmt: skip
         b = tl.load(w_ptr + cols[None, :] * w_stride + hh[:, None], mask=(cols[None, :] < V) & (hh[:, None] < H),
                     other=0.0)  # fmt: skip
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot(a, b, acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -76,6 +86,7 @@ def _fused_forward_kernel(
     N, V, H, K1, tiles_per_split, inv_t,
     HAS_BIAS: tl.constexpr, NEED_S: tl.constexpr, NEED_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -92,7 +103,7 @@ def _fused_forward_kernel(
         v0 = t * BLOCK_N
         cols = (v0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS,
-                         BLOCK_M, BLOCK_N, BLOCK_H, PRECISION)  # fmt: skip
+                         BLOCK_M, BLOCK_N, BLOCK_H, PRECISION, UPCAST)  # fmt: skip
         z = tl.where(cols[None, :] < V, z, NEG_INF)
         if NEED_S:
             m_s, d_s = _online_lse(m_s, d_s, z * inv_t)
@@ -121,7 +132,7 @@ def _fused_backward_kernel(
     HAS_BIAS: tl.constexpr, DENSE_S: tl.constexpr, DENSE_Z: tl.constexpr, SKIP: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # Grouped program order: GROUP_M row blocks sweep the slice's tiles together, so W tiles are reused from L2.
     pid = tl.program_id(0)
@@ -156,20 +167,22 @@ def _fused_backward_kernel(
         work = 1
     if work > 0:
         z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS,
-                         BLOCK_M, BLOCK_N, BLOCK_H, PRECISION)  # fmt: skip
+                         BLOCK_M, BLOCK_N, BLOCK_H, PRECISION, UPCAST)  # fmt: skip
         dz = sparse
         prob = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # row_ptr holds (4, N): lse_s, dense_s, lse_z, dense_z; lse = +inf for rows that do not count.
+        # row_ptr holds (6, N): max_s, logsum_s, c_s, max_z, logsum_z, c_z; max = +inf where the row does not count.
         if DENSE_S:
-            lse_s = tl.load(row_ptr + rows, mask=row_ok, other=float("inf"))
-            c_s = tl.load(row_ptr + N + rows, mask=row_ok, other=0.0)
-            p_s = tl.exp(z * inv_t - lse_s[:, None])
+            m_s = tl.load(row_ptr + rows, mask=row_ok, other=float("inf"))
+            l_s = tl.load(row_ptr + N + rows, mask=row_ok, other=0.0)
+            c_s = tl.load(row_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+            p_s = tl.exp((z * inv_t - m_s[:, None]) - l_s[:, None])
             dz += c_s[:, None] * p_s
             prob += p_s
         if DENSE_Z:
-            lse_z = tl.load(row_ptr + 2 * N + rows, mask=row_ok, other=float("inf"))
-            c_z = tl.load(row_ptr + 3 * N + rows, mask=row_ok, other=0.0)
-            p_z = tl.exp(z - lse_z[:, None])
+            m_z = tl.load(row_ptr + 3 * N + rows, mask=row_ok, other=float("inf"))
+            l_z = tl.load(row_ptr + 4 * N + rows, mask=row_ok, other=0.0)
+            c_z = tl.load(row_ptr + 5 * N + rows, mask=row_ok, other=0.0)
+            p_z = tl.exp((z - m_z[:, None]) - l_z[:, None])
             dz += c_z[:, None] * p_z
             prob += p_z
         tile_ok = row_ok[:, None] & col_ok[None, :]
@@ -189,13 +202,13 @@ def _fused_backward_kernel(
                 if COMPUTE_DH:
                     w = tl.load(w_ptr + cols[:, None] * w_stride + hh[None, :], mask=col_ok[:, None] & h_ok[None, :],
                                 other=0.0)  # fmt: skip
-                    dh = tl.dot(dz_mm, w, input_precision=PRECISION)
+                    dh = _dot(dz_mm, w, tl.zeros((BLOCK_M, BLOCK_H), tl.float32), PRECISION, UPCAST)
                     tl.atomic_add(dh_ptr + rows[:, None] * dh_stride + hh[None, :], dh,
                                   mask=row_ok[:, None] & h_ok[None, :], sem="relaxed")  # fmt: skip
                 if COMPUTE_DW:
                     a = tl.load(h_ptr + rows[:, None] * h_stride + hh[None, :], mask=row_ok[:, None] & h_ok[None, :],
                                 other=0.0)  # fmt: skip
-                    dw = tl.dot(tl.trans(dz_mm), a, input_precision=PRECISION)
+                    dw = _dot(tl.trans(dz_mm), a, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), PRECISION, UPCAST)
                     tl.atomic_add(dw_ptr + (cols - v_begin)[:, None] * dw_stride + hh[None, :], dw,
                                   mask=col_ok[:, None] & h_ok[None, :], sem="relaxed")  # fmt: skip
 
@@ -213,6 +226,10 @@ def _blocks(hidden: torch.Tensor) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_H=block_h, num_warps=8, num_stages=3)
 
 
+def _upcast(dtype: torch.dtype) -> bool:
+    return _interpreted() and dtype == torch.bfloat16
+
+
 def _precision(dtype: torch.dtype) -> str:
     """fp32 products follow torch's matmul precision setting ('highest' = exact fp32, else TF32)."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -226,11 +243,14 @@ def _target_programs(device: torch.device) -> int:
     return 3
 
 
-def _merge_lse(m: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """logsumexp over splits from (S, N) partial maxima and sums; -inf for a row with no terms."""
+def _merge_lse(m: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge (S, N) partial maxima and sums over splits into (max, log of the sum at that max) per row.
+
+    logsumexp = max + log_sum, but kept apart: ``exp((x - max) - log_sum)`` is accurate for the largest entries
+    where ``exp(x - (max + log_sum))`` loses the bits of a large max (logits of magnitude 100 lose ~1e-5)."""
     mx = m.max(0).values
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    return mx + (d * torch.exp(m - mx)).sum(0).log()
+    return mx, (d * torch.exp(m - mx)).sum(0).log()
 
 
 def fused_forward_triton(
@@ -245,8 +265,8 @@ def fused_forward_triton(
     """Row log-normalisers and gathered logits without materialising (N, V).
 
     hidden (N, H) and weight (V, H) with unit last stride, bias (V,) or None, ids_ext (N, K1) int with -1 where
-    nothing is to be gathered. Returns lse_s = logsumexp(z / T) (N,) (when need_s), lse_z = logsumexp(z) (N,)
-    (when need_z) and the fp32 logits at ids_ext (N, K1) (0 where the id is -1).
+    nothing is to be gathered. Returns lse_s = (max, log_sum) of z / T (when need_s, else None), lse_z the same of
+    z (when need_z), and the fp32 logits at ids_ext (N, K1) (0 where the id is -1).
     """
     n, h = hidden.shape
     vocab = weight.shape[0]
@@ -263,7 +283,8 @@ def fused_forward_triton(
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
         ids_ext, ids_ext.stride(0), zg, part,
         n, vocab, h, k1, per_split, inv_t,
-        HAS_BIAS=bias is not None, NEED_S=need_s, NEED_Z=need_z, PRECISION=_precision(hidden.dtype), **cfg,
+        HAS_BIAS=bias is not None, NEED_S=need_s, NEED_Z=need_z,
+        PRECISION=_precision(hidden.dtype), UPCAST=_upcast(hidden.dtype), **cfg,
     )  # fmt: skip
     lse_s = _merge_lse(part[0], part[1]) if need_s else None
     lse_z = _merge_lse(part[2], part[3]) if need_z else None
@@ -285,8 +306,9 @@ def fused_backward_triton(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dH, dW, db) in the dtypes of hidden, weight and bias (None where not needed).
 
-    coef (N, K1) fp32: the gradient at ids_ext; row (4, N) fp32: lse_s, dense coefficient of softmax(z / T),
-    lse_z, dense coefficient of softmax(z) (all already multiplied by grad_output and the mean's 1/denominator).
+    coef (N, K1) fp32: the gradient at ids_ext; row (6, N) fp32: max and log_sum of z / T, the dense coefficient
+    of softmax(z / T), max and log_sum of z, the dense coefficient of softmax(z) (coefficients already multiplied by
+    grad_output and the mean's 1/denominator; max = +inf on rows whose dense gradient is 0).
     """
     n, h = hidden.shape
     vocab = weight.shape[0]
@@ -320,7 +342,7 @@ def fused_backward_triton(
             n, vocab, h, k1, v_begin, v_end, inv_t, skip_eps,
             HAS_BIAS=bias is not None, DENSE_S=dense_s, DENSE_Z=dense_z, SKIP=skip_eps > 0,
             COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db, GROUP_M=8,
-            PRECISION=_precision(hidden.dtype), **cfg,
+            PRECISION=_precision(hidden.dtype), UPCAST=_upcast(hidden.dtype), **cfg,
         )  # fmt: skip
         if dw32 is not None:
             dw[v_begin:v_end] = acc
