@@ -184,7 +184,9 @@ class TeacherHead:
         vals, idx = torch.topk(z, self.k, dim=-1)
         idx = torch.where(torch.isneginf(vals), -1, idx).int()
         lp = torch.where(idx >= 0, vals - lse[:, None], 0.0)
-        n = torch.stack([torch.logsumexp(z / t, -1) - lse / t for t in self.temperatures], -1)
+        n = torch.stack(
+            [torch.zeros_like(lse) if t == 1.0 else torch.logsumexp(z / t, -1) - lse / t for t in self.temperatures], -1
+        )  # n_1 = 0 by definition: one pass over V saved
         return idx, lp, n
 
     def _uniforms(self, lengths: list[int], seq_index: list[int], device) -> torch.Tensor:
