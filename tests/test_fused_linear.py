@@ -48,7 +48,7 @@ def make_fused_inputs(n=9, hidden=37, vocab=203, k=7, *, seed=0, dtype=torch.flo
     b = b.to(dtype) if b is not None else None
     if lead is not None:
         h, ids, lps = h.reshape(*lead, hidden), ids.reshape(*lead, k), lps.reshape(*lead, k)
-    to = (lambda t: t.to(device) if t is not None else None)  # noqa: E731
+    to = lambda t: t.to(device) if t is not None else None  # noqa: E731
     return to(h), to(w), to(b), to(ids), to(lps.float())
 
 
