@@ -150,17 +150,11 @@ def _fused_backward_kernel(
     row_ok = rows < N
     col_ok = cols < v_end
 
-    # Sparse part first: it is cheap, and whether the tile holds a target id decides whether it can be skipped.
-    sparse = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Count the target ids in the tile first: a tile without any can be skipped (no dense term, or SKIP).
     n_hits = 0
     for k in range(0, K1):
         idk = tl.load(ids_ptr + rows * ids_stride + k, mask=row_ok, other=-1).to(tl.int64)
-        hit = (idk >= v0) & (idk < v0 + BLOCK_N)
-        hits = tl.sum(hit.to(tl.int32), axis=0)
-        if hits > 0:
-            ck = tl.load(coef_ptr + rows * K1 + k, mask=hit, other=0.0)
-            sparse += tl.where(cols[None, :] == idk[:, None], ck[:, None], 0.0)
-        n_hits += hits
+        n_hits += tl.sum(((idk >= v0) & (idk < v0 + BLOCK_N)).to(tl.int32), axis=0)
 
     work = n_hits
     if DENSE_S or DENSE_Z:
@@ -168,8 +162,8 @@ def _fused_backward_kernel(
     if work > 0:
         z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS,
                          BLOCK_M, BLOCK_N, BLOCK_H, PRECISION, UPCAST)  # fmt: skip
-        dz = sparse
-        prob = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        dz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        p_max = 0.0
         # row_ptr holds (6, N): max_s, logsum_s, c_s, max_z, logsum_z, c_z; max = +inf where the row does not count.
         if DENSE_S:
             m_s = tl.load(row_ptr + rows, mask=row_ok, other=float("inf"))
@@ -177,20 +171,28 @@ def _fused_backward_kernel(
             c_s = tl.load(row_ptr + 2 * N + rows, mask=row_ok, other=0.0)
             p_s = tl.exp((z * inv_t - m_s[:, None]) - l_s[:, None])
             dz += c_s[:, None] * p_s
-            prob += p_s
+            if SKIP:
+                p_max = tl.max(tl.max(p_s, axis=1), axis=0)
         if DENSE_Z:
             m_z = tl.load(row_ptr + 3 * N + rows, mask=row_ok, other=float("inf"))
             l_z = tl.load(row_ptr + 4 * N + rows, mask=row_ok, other=0.0)
             c_z = tl.load(row_ptr + 5 * N + rows, mask=row_ok, other=0.0)
             p_z = tl.exp((z - m_z[:, None]) - l_z[:, None])
             dz += c_z[:, None] * p_z
-            prob += p_z
+            if SKIP:
+                p_max = tl.maximum(p_max, tl.max(tl.max(p_z, axis=1), axis=0))
+        if n_hits > 0:  # the K (+ label) sparse fix-ups; duplicate ids add up
+            for k in range(0, K1):
+                idk = tl.load(ids_ptr + rows * ids_stride + k, mask=row_ok, other=-1).to(tl.int64)
+                hit = (idk >= v0) & (idk < v0 + BLOCK_N)
+                if tl.sum(hit.to(tl.int32), axis=0) > 0:
+                    ck = tl.load(coef_ptr + rows * K1 + k, mask=hit, other=0.0)
+                    dz += tl.where(cols[None, :] == idk[:, None], ck[:, None], 0.0)
         tile_ok = row_ok[:, None] & col_ok[None, :]
         dz = tl.where(tile_ok, dz, 0.0)
         keep = 1
-        if SKIP:
-            big = tl.max(tl.max(tl.where(tile_ok, prob, 0.0), axis=1), axis=0) >= skip_eps
-            keep = tl.maximum(big.to(tl.int32), (n_hits > 0).to(tl.int32))
+        if SKIP:  # rows past N have probability 0; columns past the slice can only keep a tile, never drop one
+            keep = tl.maximum((p_max >= skip_eps).to(tl.int32), (n_hits > 0).to(tl.int32))
         if keep > 0:
             if COMPUTE_DB:
                 tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
