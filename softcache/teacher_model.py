@@ -61,6 +61,12 @@ def load_teacher(path: str, revision: str | None, trust_remote_code: bool, dtype
         hf_logging.disable_progress_bar()
 
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if device == "map":
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise TeacherError("--device map spreads the teacher with device_map='auto', which needs accelerate: "
+                               "pip install accelerate")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if device == "map":

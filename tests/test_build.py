@@ -149,3 +149,27 @@ def test_manifest_records_teacher_tokenizer_version_and_command(teacher, data, t
     assert meta["teacher"]["dtype"] == "float32" and len(meta["tokenizer"]["vocab_sha256"]) == 64
     assert meta["softcache_version"] == softcache.__version__ and meta["command"] == "softcache build X"
     assert meta["complete"] is True and meta["skipped_bad"] == []
+
+
+def test_pretokenised_input_ids_and_chat_messages(teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    ids = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    data = tmp_path / "ids.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": x}) + "\n" for x in ids))
+    build(str(teacher), str(data), str(tmp_path / "a"), k=4, quiet=True)
+    cache = softcache.open_cache(tmp_path / "a")
+    assert [cache[i]["input_ids"].tolist() for i in range(len(cache))] == ids
+
+    chat_teacher = tmp_path / "chat"
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(chat_teacher)
+    for name in ("config.json", "model.safetensors"):
+        (chat_teacher / name).write_bytes((teacher / name).read_bytes())
+    messages = [{"role": "user", "content": "print(1)"}, {"role": "assistant", "content": "1"}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": messages}) + "\n")
+    build(str(chat_teacher), str(data), str(tmp_path / "b"), k=4, chat_template=True, quiet=True)
+    expected = tok("user: print(1)\nassistant: 1\n", add_special_tokens=False)["input_ids"]
+    assert softcache.open_cache(tmp_path / "b")[0]["input_ids"].tolist() == expected
