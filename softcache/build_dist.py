@@ -39,7 +39,9 @@ class Dist:
         import torch.distributed as td
 
         if not td.is_initialized():
-            use_nccl = torch.cuda.is_available() and device not in ("cpu",)
+            use_nccl = torch.cuda.is_available() and device != "cpu"
+            if use_nccl:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             td.init_process_group(backend="nccl" if use_nccl else "gloo")
         return cls(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 

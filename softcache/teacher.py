@@ -122,7 +122,7 @@ def build(
     rows = load_rows(data, split, limit)
     docs = tokenize(rows, data, tokenizer, field, chat_template, vocab, show)
     seqs = Sequences(docs, max_length, pack, tokenizer.eos_token_id)
-    head.check_against_full_forward(torch.from_numpy(seqs[0][:16].copy())[None])
+    head.check_against_full_forward(torch.from_numpy(seqs[0][:16].astype("int64"))[None])
 
     settings = dict(vocab_size=vocab, k=k, targets=targets, temperatures=temps, samples=samples, backend=backend,
                     shard_tokens=shard_tokens, batch_tokens=min(4096, max(1, shard_tokens // 4)), seed=seed)
