@@ -13,14 +13,16 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from fsspec.implementations.local import LocalFileSystem
 
-from .backend import Backend, ShardReader, ShardWriter
+from .backend import Backend, ShardReader, ShardWriter, batch_crc
 from .manifest import CorruptShardError
 
 _HEADER_KEY = b"softcache.header"
+_HEADER_CRC_KEY = b"softcache.header-crc32"  # the header is not covered by the per-batch CRC; zstd has no checksum
 
 
 def _header_metadata(header: dict[str, np.ndarray]) -> dict[bytes, bytes]:
     meta = {_HEADER_KEY: json.dumps({k: int(v.size) for k, v in header.items()}).encode()}
+    meta[_HEADER_CRC_KEY] = str(batch_crc(header)).encode()
     for key, value in header.items():
         data = np.ascontiguousarray(value, np.uint8)
         meta[f"softcache.header.{key}".encode()] = pa.compress(data, "zstd", asbytes=True)
@@ -31,10 +33,13 @@ def _read_header(metadata: dict[bytes, bytes] | None) -> dict[str, np.ndarray]:
     if not metadata or _HEADER_KEY not in metadata:
         raise ValueError("schema metadata lacks the softcache header")
     sizes = json.loads(metadata[_HEADER_KEY])
-    return {
+    header = {
         key: np.frombuffer(pa.decompress(metadata[f"softcache.header.{key}".encode()], size, "zstd"), np.uint8)
         for key, size in sizes.items()
     }
+    if str(batch_crc(header)).encode() != metadata.get(_HEADER_CRC_KEY):
+        raise ValueError("the header fails its checksum")
+    return header
 
 
 class ArrowShardWriter(ShardWriter):
@@ -73,12 +78,13 @@ class ArrowShardReader(ShardReader):
             self._reader = ipc.open_file(self._source)
             self.header = _read_header(self._reader.schema.metadata)
             self.num_batches = self._reader.num_record_batches
+            self._columns = [n for n in self._reader.schema.names if n != "crc32"]
         except Exception as e:
             raise CorruptShardError(f"shard {name}: cannot be opened as Arrow IPC ({type(e).__name__}: {e})") from e
-        self._columns = [n for n in self._reader.schema.names if n != "crc32"]
 
     def _read(self, index):
         batch = self._reader.get_batch(index)
+        batch.validate(full=True)  # IPC reads are not validated: a damaged offset would crash the process
         streams = {n: np.frombuffer(batch.column(n)[0].as_buffer(), np.uint8) for n in self._columns}
         return streams, batch.column("crc32")[0].as_py()
 
