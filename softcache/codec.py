@@ -101,8 +101,8 @@ def zigzag(x: np.ndarray) -> np.ndarray:
 
 
 def unzigzag(u: np.ndarray) -> np.ndarray:
-    u = np.asarray(u, np.int64)
-    return (u >> 1) ^ -(u & 1)
+    u = np.asarray(u).astype(np.uint64)
+    return (u >> np.uint64(1)).astype(np.int64) ^ -(u & np.uint64(1)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def _encode_monotone(q: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> di
     deltas = np.diff(q, axis=1)[mask[:, 1:]]
     escaped = deltas >= _ESCAPE
     return {
-        "q_head": to_planes(q[lengths > 0, 0]),
+        "q_head": to_planes(q[lengths > 0, 0]) if q.shape[1] else np.zeros(0, np.uint8),
         "q_delta": np.minimum(deltas, _ESCAPE).astype(np.uint8),
         "q_escape": to_planes(deltas[escaped]),
     }
@@ -204,7 +204,7 @@ def _decode_monotone(streams: dict[str, np.ndarray], lengths: np.ndarray, mask: 
         raise ValueError("q_escape holds values but no delta is escaped")
     if n_rows == mask.shape[0] and n_deltas == mask.size - n_rows:  # full rows
         rows[:, 0] = heads
-        rows[:, 1:] = deltas.reshape(mask.shape[0], -1)
+        rows[:, 1:] = deltas.reshape(mask.shape[0], mask.shape[1] - 1)
     else:
         rows[nonempty, 0] = heads
         rows[:, 1:][mask[:, 1:]] = deltas
@@ -273,7 +273,7 @@ def encode_topk(
 def decode_topk(streams, n_positions: int, k: int, n_temps: int, order: IdOrder, params: CodecParams):
     """Decode → ids (L, k) int32 with −1 padding, log-probs (L, k) float32 (0 at padding), lognorm (L, n_temps)."""
     ids, lengths, mask, full = _decode_ids(streams, n_positions, k, order)
-    lp = _decode_monotone(streams, lengths, mask) * np.float32(-params.logprob_step)
+    lp = _decode_monotone(streams, lengths, mask).astype(np.float32) * np.float32(-params.logprob_step)
     if not full:
         lp[~mask] = 0.0
     n_q = unzigzag(from_planes(streams["lognorm"], n_positions * n_temps)).reshape(n_temps, n_positions).T

@@ -68,7 +68,8 @@ class Cache:
         shard, batch, j = self._locate(i)
         decoded = self._decode(shard, batch)
         a, b = decoded["offsets"][j], decoded["offsets"][j + 1]
-        return {key: value[a:b] for key, value in decoded.items() if key != "offsets"}
+        # Copies: callers may modify records, the decoded batch is shared by later reads.
+        return {key: value[a:b].copy() for key, value in decoded.items() if key != "offsets"}
 
     def targets(self, i: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Target ids (L, k) and teacher log-probs at ``temperature`` (L, k), 0 at padding.

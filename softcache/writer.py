@@ -200,11 +200,21 @@ class CacheWriter:
             raise ValueError(f"target_ids must have shape ({length}, ≤{s['k']}), got {tuple(target_ids.shape)}")
         if target_ids.size and (target_ids.min() < -1 or target_ids.max() >= s["vocab_size"]):
             raise ValueError(f"target_ids must lie in [-1, vocab_size={s['vocab_size']}); -1 marks padding")
+        _check_unique(target_ids)
         if s["targets"] == "sampled":
             if counts is None:
                 raise ValueError("sampled caches need counts= (the number of draws of each target id)")
             counts = _to_numpy(counts, "counts", "int")
             _same_shape(counts, target_ids, "counts")
+            real = target_ids >= 0
+            bad = np.flatnonzero((real & ((counts < 1) | (counts > s["samples"]))).any(-1))
+            over = np.flatnonzero(np.where(real, counts, 0).sum(-1) > s["samples"])
+            if bad.size or over.size:
+                pos = int(bad[0]) if bad.size else int(over[0])
+                raise ValueError(
+                    f"counts at position {pos}: each drawn id needs a count in [1, samples={s['samples']}] "
+                    f"and a position's counts may add up to at most {s['samples']}"
+                )
             self._add(input_ids, target_ids, counts, None)
             return
         if target_logprobs is None:
@@ -248,7 +258,7 @@ class CacheWriter:
         if not self._pending:
             return
         s = self.settings
-        seqs, self._pending, self._pending_tokens = self._pending, [], 0
+        seqs = self._pending
         input_ids = np.concatenate([p[0] for p in seqs])
         target_ids = np.concatenate([p[1] for p in seqs])
         values = np.concatenate([p[2] for p in seqs])
@@ -264,6 +274,7 @@ class CacheWriter:
         else:
             streams.update(codec.encode_sampled(target_ids, values, s["samples"], self._order))
         self._shard.write_batch(streams, len(seqs))
+        self._pending, self._pending_tokens = [], 0
         self._shard_stats[0] += len(seqs)
         self._shard_stats[1] += len(input_ids)
         self._shard_stats[2] += int(np.count_nonzero(target_ids >= 0))
@@ -367,7 +378,12 @@ def _check_settings(vocab_size, k, targets, temperatures, samples, backend, logp
         raise ValueError(f"k must be an integer in [1, vocab_size={vocab_size}], got {k!r}")
     if targets not in ("topk", "sampled"):
         raise ValueError(f"targets must be 'topk' or 'sampled', got {targets!r}")
-    temps = [float(t) for t in (temperatures if isinstance(temperatures, Sequence) else [temperatures])]
+    if isinstance(temperatures, (int, float)):
+        temperatures = [temperatures]
+    try:
+        temps = [float(t) for t in temperatures]
+    except (TypeError, ValueError):
+        raise ValueError(f"temperatures must be positive numbers, got {temperatures!r}") from None
     if not temps or any(not (math.isfinite(t) and t > 0) for t in temps) or len(set(temps)) != len(temps):
         raise ValueError(f"temperatures must be distinct positive numbers, got {temperatures!r}")
     if targets == "topk":
@@ -404,6 +420,18 @@ def _check_sequence(input_ids: np.ndarray, vocab_size: int) -> int:
     if input_ids.min() < 0:
         raise ValueError(f"input_ids must be non-negative token ids, found {int(input_ids.min())}")
     return int(input_ids.shape[0])
+
+
+def _check_unique(target_ids: np.ndarray) -> None:
+    """Target ids of a position are distinct (padding aside)."""
+    if target_ids.shape[1] < 2:
+        return
+    srt = np.sort(target_ids, axis=-1)
+    dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+    if dup.any():
+        pos = int(np.flatnonzero(dup.any(-1))[0])
+        twice = int(srt[pos, 1:][dup[pos]][0])
+        raise ValueError(f"target_ids at position {pos}: duplicate id {twice}; each id must be unique per position")
 
 
 def _same_shape(x: np.ndarray, like: np.ndarray, name: str) -> None:

@@ -27,7 +27,7 @@ class CorruptShardError(CacheFormatError):
 
 def check_shard_name(name: object, where: str = MANIFEST_NAME) -> str:
     """A shard's file name must be a plain name inside the cache: no separators, no ``..``, not absolute."""
-    if not isinstance(name, str) or not _SHARD_NAME.match(name) or ".." in name or posixpath.isabs(name):
+    if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or ".." in name or posixpath.isabs(name):
         raise CacheFormatError(
             f"{where}: shard file name {name!r} is not a plain file name inside the cache "
             "(no '/', '\\', '..' or absolute paths); the manifest was altered or written by another tool"
