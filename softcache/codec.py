@@ -228,7 +228,7 @@ def _decode_ids(streams: dict[str, np.ndarray], n_positions: int, k: int, order:
     codes = from_planes(streams["target_codes"], int(lengths.sum()), np.int32)
     if codes.size and (codes.max() >= order.vocab_size):
         raise ValueError(f"target code {int(codes.max())} is not < vocab_size={order.vocab_size}")
-    return _rows(order.order[codes], mask, full, -1, np.int32), lengths, mask, full
+    return _rows(order.order.take(codes), mask, full, -1, np.int32), lengths, mask, full
 
 
 # ---------------------------------------------------------------------------------------------
