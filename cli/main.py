@@ -166,7 +166,11 @@ def build(teacher, data, out, temperatures, **options) -> None:
 
     temps = _run(lambda: [float(t) for t in temperatures.split(",") if t.strip()])
     if teacher is None and data is None:
-        demo = {key: options[key] for key in ("device", "dtype", "backend", "overwrite", "quiet")}
+        # The demo's own settings, overridden by whatever was given on the command line.
+        given = click.get_current_context().get_parameter_source
+        demo = {key: value for key, value in options.items() if given(key) == click.core.ParameterSource.COMMANDLINE}
+        if given("temperatures") == click.core.ParameterSource.COMMANDLINE:
+            demo["temperatures"] = temps
         result = _run(build_demo, out or "softcache-demo", **demo)
     elif teacher is None or data is None:
         _fail("give both --teacher and --data (or neither, for the demo cache)")
