@@ -95,9 +95,5 @@ class ArrowShardReader(ShardReader):
 class ArrowBackend(Backend):
     name = "arrow"
     suffix = ".arrow"
-
-    def create(self, fs, root, name, header, streams):
-        return ArrowShardWriter(fs, root, name, header, streams)
-
-    def open(self, fs, root, name):
-        return ArrowShardReader(fs, root, name)
+    writer = ArrowShardWriter
+    reader = ArrowShardReader

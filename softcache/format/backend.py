@@ -123,15 +123,19 @@ class ShardReader(ABC):
         pass
 
 
-class Backend(ABC):
+class Backend:
+    """A storage backend: its name, its shard suffix, and the classes that write and read its shards."""
+
     name: str
     suffix: str
+    writer: type[ShardWriter]
+    reader: type[ShardReader]
 
-    @abstractmethod
-    def create(self, fs, root: str, name: str, header: dict[str, np.ndarray], streams: list[str]) -> ShardWriter: ...
+    def create(self, fs, root: str, name: str, header: dict[str, np.ndarray], streams: list[str]) -> ShardWriter:
+        return self.writer(fs, root, name, header, streams)
 
-    @abstractmethod
-    def open(self, fs, root: str, name: str) -> ShardReader: ...
+    def open(self, fs, root: str, name: str) -> ShardReader:
+        return self.reader(fs, root, name)
 
 
 BACKENDS = ("arrow", "zarr")

@@ -231,9 +231,5 @@ class ZarrShardReader(ShardReader):
 class ZarrBackend(Backend):
     name = "zarr"
     suffix = ".zarr"
-
-    def create(self, fs, root, name, header, streams):
-        return ZarrShardWriter(fs, root, name, header, streams)
-
-    def open(self, fs, root, name):
-        return ZarrShardReader(fs, root, name)
+    writer = ZarrShardWriter
+    reader = ZarrShardReader
