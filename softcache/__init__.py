@@ -6,8 +6,18 @@ Run the teacher once (``softcache build`` or :class:`CacheWriter`), then train s
 
 __version__ = "0.1.0"
 
+from .data import SoftTargetDataset, collate  # noqa: E402
 from .format import CacheFormatError, CorruptShardError  # noqa: E402
 from .reader import Cache, open_cache  # noqa: E402
 from .writer import CacheWriter  # noqa: E402
 
-__all__ = ["Cache", "CacheFormatError", "CacheWriter", "CorruptShardError", "__version__", "open_cache"]
+__all__ = [
+    "Cache",
+    "CacheFormatError",
+    "CacheWriter",
+    "CorruptShardError",
+    "SoftTargetDataset",
+    "__version__",
+    "collate",
+    "open_cache",
+]

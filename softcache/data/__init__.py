@@ -1,0 +1,12 @@
+"""Training data from a cache: datasets (map-style and streaming), collate, start-up checks.
+
+``SoftTargetDataset`` (random access) and ``StreamingSoftTargetDataset`` (sequential reads, DDP and worker
+sharding, resumable) yield items with ``input_ids``, ``attention_mask``, ``labels`` and ``target_ids`` /
+``target_logprobs`` at the dataset's temperature; ``collate`` pads them into torch tensors.
+"""
+
+from .checks import check_student
+from .collate import Collator, collate
+from .dataset import SoftTargetDataset
+
+__all__ = ["Collator", "SoftTargetDataset", "check_student", "collate"]
