@@ -6,7 +6,7 @@ Run the teacher once (``softcache build`` or :class:`CacheWriter`), then train s
 
 __version__ = "0.1.0"
 
-from .data import SoftTargetDataset, collate  # noqa: E402
+from .data import SoftTargetDataset, StreamingSoftTargetDataset, collate  # noqa: E402
 from .format import CacheFormatError, CorruptShardError  # noqa: E402
 from .reader import Cache, open_cache  # noqa: E402
 from .writer import CacheWriter  # noqa: E402
@@ -17,6 +17,7 @@ __all__ = [
     "CacheWriter",
     "CorruptShardError",
     "SoftTargetDataset",
+    "StreamingSoftTargetDataset",
     "__version__",
     "collate",
     "open_cache",
