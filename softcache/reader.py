@@ -94,6 +94,13 @@ class Cache:
             "Use one of those, or rebuild the cache with --temperatures including it"
         )
 
+    def to_hf_dataset(self, temperature: float = 1.0, max_length: int | None = None, retemper: bool = False):
+        """A ``datasets.Dataset`` of this cache's sequences as training items, decoded on access; see
+        :func:`softcache.data.hf_datasets.to_hf_dataset`."""
+        from .data.hf_datasets import to_hf_dataset
+
+        return to_hf_dataset(self, temperature=temperature, max_length=max_length, retemper=retemper)
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(self)):
             yield self[i]

@@ -43,9 +43,7 @@ class SoftTargetDataset(CacheSource, Dataset):
         return len(self.cache)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        cache = self.cache
-        shard, batch, j = cache._locate(i)
-        return self._item(cache._decode(shard, batch), j)
+        return self.item(i)
 
     def __repr__(self) -> str:
         return (

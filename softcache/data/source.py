@@ -117,6 +117,12 @@ class CacheSource:
         :func:`softcache.data.check_student`."""
         return check_student(self.cache, model, vocab_size=vocab_size, tokenizer=tokenizer)
 
+    def item(self, i: int) -> dict[str, np.ndarray]:
+        """Sequence ``i`` of the cache as an item."""
+        cache = self.cache
+        shard, batch, j = cache._locate(i)
+        return self._item(cache._decode(shard, batch), j)
+
     def _item(self, decoded: dict[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
         """Sequence ``j`` of a decoded batch as an item."""
         a, b = int(decoded["offsets"][j]), int(decoded["offsets"][j + 1])

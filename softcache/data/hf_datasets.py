@@ -1,0 +1,40 @@
+"""A Hugging Face ``datasets.Dataset`` view of a cache, decoded on access (``Cache.to_hf_dataset``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .source import CacheSource
+
+ITEM_KEYS = ("input_ids", "attention_mask", "labels", "target_ids", "target_logprobs")
+
+
+class DecodeTransform(CacheSource):
+    """The dataset's transform: rows of an ``index`` column → the items of those sequences.
+
+    Other columns (e.g. added by ``map``) pass through; item keys always come from the cache.
+    """
+
+    def __call__(self, batch: dict) -> dict:
+        if "index" not in batch:
+            raise KeyError(
+                "the 'index' column the cache items are decoded from was removed (the Hugging Face Trainer does "
+                "this with remove_unused_columns=True); keep it, e.g. TrainingArguments(remove_unused_columns=False)"
+            )
+        items = [self.item(int(i)) for i in batch["index"]]
+        return {**batch, **{key: [item[key] for item in items] for key in ITEM_KEYS}}
+
+
+def to_hf_dataset(cache, temperature: float = 1.0, max_length: int | None = None, retemper: bool = False):
+    """A ``datasets.Dataset`` with one row per sequence of ``cache``, holding only its ``index``; a transform
+    decodes each row on access into the item :class:`SoftTargetDataset` gives (same arguments).
+
+    It takes 8 bytes per sequence in memory. ``map``, ``filter``, ``shuffle``, ``select`` and
+    ``train_test_split`` work as usual (``map``/``filter`` functions see decoded items; the transform
+    pickles as the cache URL, so ``num_proc`` works for caches every process can open). Setting another
+    format (``with_format``/``set_format``) replaces the transform; removing the ``index`` column breaks it.
+    """
+    import datasets
+
+    decode = DecodeTransform(cache, temperature, max_length, retemper, None)
+    return datasets.Dataset.from_dict({"index": np.arange(len(cache), dtype=np.int64)}).with_transform(decode)
