@@ -1,0 +1,171 @@
+"""Fidelity study: do students trained from a softcache cache match students trained on the live teacher?
+
+The small-scale version of Anshumann et al. 2025 ("Sparse Logit Sampling"). The shipped demo teacher runs once over
+the demo corpus's train split into top-k caches (k = 4, 16, 64) and sampled caches (N = 12, 50); identical students
+then train with hard CE, dense KD from the live teacher, and each cache under each tail (sampled caches: one run, as
+both tails are the same loss there, see RESULTS.md). Held-out CE, KL(teacher ‖ student), ECE, the share of the
+CE → dense-KD gap closed, bytes/token and gradient angles go to RESULTS.md (see report.py)::
+
+    .venv/bin/python benchmarks/fidelity/run.py                 # the full study (≤ 30 min on 2 CPU cores)
+    .venv/bin/python benchmarks/fidelity/run.py --quick --out /tmp/fidelity   # every code path, tiny, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from report import write_results
+from study import (
+    CacheSpec,
+    Run,
+    Setup,
+    angle_degrees,
+    build_caches,
+    evaluate,
+    flat_grad,
+    held_out,
+    load_targets,
+    load_teacher,
+    make_student,
+    train,
+)
+
+import softcache
+
+FULL_CACHES = [
+    CacheSpec("topk4", "topk", 4),
+    CacheSpec("topk16", "topk", 16),
+    CacheSpec("topk64", "topk", 64),
+    CacheSpec("sampled12", "sampled", 12, samples=12),
+    CacheSpec("sampled50", "sampled", 50, samples=50),
+]
+QUICK_CACHES = [CacheSpec("topk64", "topk", 64), CacheSpec("sampled50", "sampled", 50, samples=50)]
+TAILS = ("bucket", "renormalize")
+
+
+def plan_runs(caches: list[CacheSpec]) -> list[Run]:
+    """CE and dense first (every other run is measured against them), then each cache under each tail."""
+    runs = [Run("ce", "ce"), Run("dense", "dense")]
+    for spec in caches:
+        if spec.targets == "sampled":
+            runs.append(Run(spec.name, "cache", spec.name, "renormalize"))
+        else:
+            runs += [Run(f"{spec.name}_{tail}", "cache", spec.name, tail) for tail in TAILS]
+    return runs
+
+
+def run_seed(seed, runs, caches, input_ids, eval_ids, teacher, setup, workdir) -> dict[str, dict]:
+    """Train every run from the seed's initial weights in the seed's data order; measure each on held-out text.
+
+    Gradient angles against dense KD are taken on the angle batch (sequences no run trains on), at the initial
+    weights and at the dense-KD student's final weights.
+    """
+    n_train = len(input_ids) - setup.angle_seqs
+    order = np.random.default_rng(seed).permutation(n_train)[: setup.steps * setup.batch]
+    angle_rows = np.arange(n_train, len(input_ids))
+    initial = make_student(teacher.config.vocab_size, setup.seq_len, seed)
+    results, angle_targets = {}, {}
+    for run in runs:
+        targets = None
+        if run.loss == "cache":
+            cache = softcache.open_cache(f"{workdir}/{run.cache}")
+            targets = load_targets(cache, np.arange(len(input_ids)), input_ids)
+            angle_targets[run.cache] = (targets[0][angle_rows], targets[1][angle_rows])
+        t0 = time.perf_counter()
+        student = train(run, copy.deepcopy(initial), order, input_ids, setup, teacher, targets)
+        results[run.name] = {**evaluate(student, teacher, eval_ids), "seconds": time.perf_counter() - t0}
+        if run.loss == "dense":
+            dense_student = student
+        r = results[run.name]
+        print(
+            f"seed {seed} {run.name:>22}: CE {r['ce']:.4f}  KL {r['kl']:.4f}  ECE {100 * r['ece']:.2f}%  "
+            f"{r['seconds']:.0f}s",
+            flush=True,
+        )
+
+    batch = input_ids[angle_rows]
+    for where, model in (("angle_init", initial), ("angle_trained", dense_student)):
+        dense = flat_grad(Run("dense", "dense"), model, batch, teacher)
+        for run in runs:
+            grad = flat_grad(run, model, batch, teacher, angle_targets.get(run.cache))
+            results[run.name][where] = angle_degrees(grad, dense)
+        for spec in caches:
+            if spec.targets == "sampled":
+                grads = [
+                    flat_grad(Run("", "cache", spec.name, t), model, batch, None, angle_targets[spec.name])
+                    for t in TAILS
+                ]
+                results[spec.name][f"{where}_bucket_vs_renormalize"] = angle_degrees(*grads)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    here = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed, caches topk64 and sampled50 only")
+    parser.add_argument("--out", default=str(here), help="where RESULTS.md, fidelity.png and results.json go")
+    parser.add_argument("--workdir", default=None, help="where the caches are built (reused if complete)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; quick 12)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 16; quick 4)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128; quick 32)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warmup + cosine)")
+    parser.add_argument("--eval-seqs", type=int, default=None, help="held-out sequences (default 256; quick 8)")
+    args = parser.parse_args(argv)
+    quick = dict(seeds=1, steps=12, batch=4, seq_len=32, eval_seqs=8)
+    full = dict(seeds=3, steps=200, batch=16, seq_len=128, eval_seqs=256)
+    sizes = {
+        key: getattr(args, key) if getattr(args, key) is not None else value
+        for key, value in (quick if args.quick else full).items()
+    }
+    setup = Setup(
+        steps=sizes["steps"],
+        batch=sizes["batch"],
+        seq_len=sizes["seq_len"],
+        lr=args.lr,
+        eval_seqs=sizes["eval_seqs"],
+        angle_seqs=4 if args.quick else 16,
+    )
+    caches = QUICK_CACHES if args.quick else FULL_CACHES
+    runs = plan_runs(caches)
+    torch.set_num_threads(2)
+
+    t0 = time.perf_counter()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="softcache-fidelity-")
+    n_seqs = setup.steps * setup.batch + setup.angle_seqs
+    build_seconds = build_caches(caches, workdir, setup.seq_len, n_seqs)
+    reference = softcache.open_cache(f"{workdir}/{caches[0].name}")
+    input_ids = torch.from_numpy(np.stack([reference[i]["input_ids"] for i in range(n_seqs)]))
+    eval_ids = held_out(setup.eval_seqs, setup.seq_len)
+    teacher = load_teacher()
+    bytes_per_token = {}
+    for spec in caches:
+        cache = softcache.open_cache(f"{workdir}/{spec.name}")
+        bytes_per_token[spec.name] = cache.num_bytes / cache.num_tokens
+    per_seed = [run_seed(s, runs, caches, input_ids, eval_ids, teacher, setup, workdir) for s in range(sizes["seeds"])]
+
+    info = {
+        "command": shlex.join(["python", "benchmarks/fidelity/run.py", *(sys.argv[1:] if argv is None else argv)]),
+        "setup": setup.__dict__,
+        "seeds": sizes["seeds"],
+        "build_seconds": build_seconds,
+        "train_tokens": int(n_seqs - setup.angle_seqs) * setup.seq_len,
+        "eval_tokens": int(eval_ids[:, 1:].numel()),
+        "wall_seconds": time.perf_counter() - t0,
+        "workdir": workdir,
+        "quick": args.quick,
+    }
+    path = write_results(Path(args.out), runs, caches, per_seed, bytes_per_token, teacher.config.vocab_size, info)
+    print(f"wrote {path} in {info['wall_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The fidelity study's parts: caches and held-out text, identical students, their losses, training and metrics.
+
+Every student has the same architecture; within a seed every run starts from the same weights and sees the same
+sequences in the same order (input ids read back from the reference cache). Runs differ only in the training loss:
+
+* ``ce``: cross-entropy against the next token (hard labels);
+* ``dense``: KL(teacher ‖ student) over the full vocabulary from the live teacher's logits (T = 1);
+* ``<cache>_<tail>``: ``softcache.kernels.sparse_kl_loss`` against that cache's targets (T = 1).
+
+KD runs are pure KD (alpha = 1, no hard-label term), as in Anshumann et al. 2025.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from softcache.kernels import sparse_kl_loss
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from softcache import demo
+
+STUDENT = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+"""The student: a 2-layer Llama of width 64 (0.36M parameters, 0.26M of them the tied embedding)."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache to build: ``topk`` with ``k`` ids, or ``sampled`` with ``samples`` draws (stored in k = samples)."""
+
+    name: str
+    targets: str
+    k: int
+    samples: int | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: its loss (``ce``, ``dense`` or ``cache``), and for ``cache`` which cache and tail."""
+
+    name: str
+    loss: str
+    cache: str | None = None
+    tail: str | None = None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Sizes shared by every run."""
+
+    steps: int
+    batch: int
+    seq_len: int
+    lr: float
+    eval_seqs: int
+    angle_seqs: int = 16
+    warmup_frac: float = 0.1
+
+
+def build_caches(specs: list[CacheSpec], workdir: str, seq_len: int, n_seqs: int) -> dict[str, float | None]:
+    """Build each cache over the first documents of the demo train split that fill ``n_seqs`` packed sequences.
+
+    A cache already complete in ``workdir`` with the same build is reused (``softcache.teacher.build`` is
+    resumable and refuses a different build). Returns the seconds each build took (None: reused).
+    """
+    from softcache.teacher import build
+
+    limit = docs_needed(n_seqs, seq_len)
+    seconds = {}
+    for spec in specs:
+        t0 = time.perf_counter()
+        result = build(
+            str(demo.teacher_path()),
+            str(demo.corpus_path("train")),
+            f"{workdir}/{spec.name}",
+            k=spec.k,
+            targets=spec.targets,
+            samples=spec.samples,
+            temperatures=(1.0,),
+            max_length=seq_len,
+            pack=True,
+            limit=limit,
+            quiet=True,
+        )
+        seconds[spec.name] = None if result.already_complete else time.perf_counter() - t0
+        state = "reused" if result.already_complete else f"built in {seconds[spec.name]:.0f}s"
+        print(f"cache {spec.name}: {result.sequences} sequences, {result.tokens} tokens, {state}", flush=True)
+    return seconds
+
+
+def _packed_docs(split: str, min_tokens: float = math.inf) -> list[np.ndarray]:
+    """The first documents of a demo split, tokenised as ``softcache build`` does and each followed by EOS, until
+    they hold ``min_tokens`` tokens (all of them by default)."""
+    import pyarrow.parquet as pq
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo.teacher_path()))
+    texts = pq.read_table(demo.corpus_path(split), columns=["text"]).column("text").to_pylist()
+    docs, tokens = [], 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"] if text else []
+        docs.append(np.asarray(ids + [tokenizer.eos_token_id], np.int64) if ids else np.zeros(0, np.int64))
+        tokens += len(docs[-1])
+        if tokens >= min_tokens:
+            break
+    return docs
+
+
+def docs_needed(n_seqs: int, seq_len: int) -> int:
+    """The fewest train documents (dataset rows, empty ones included) whose packed tokens fill ``n_seqs`` sequences
+    of ``seq_len``."""
+    need = n_seqs * seq_len
+    docs = _packed_docs("train", need)
+    tokens = sum(len(d) for d in docs)
+    if tokens < need:
+        raise ValueError(
+            f"the demo train split has {tokens} tokens, fewer than the {need} asked for; "
+            "lower --steps, --batch or --seq-len"
+        )
+    return len(docs)
+
+
+def held_out(n_seqs: int, seq_len: int) -> torch.Tensor:
+    """The first ``n_seqs`` full packed sequences of the demo validation split, (n, seq_len) int64."""
+    stream = np.concatenate(_packed_docs("validation", n_seqs * seq_len))
+    n = min(n_seqs, len(stream) // seq_len)
+    return torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len))
+
+
+def load_targets(cache, seqs: np.ndarray, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target ids (int32) and T=1 log-probs of sequences ``seqs``, checked to hold ``input_ids``; slots that are
+    padding in every row are dropped."""
+    ids, logprobs = [], []
+    for row, i in enumerate(seqs):
+        rec = cache[int(i)]
+        if not np.array_equal(rec["input_ids"], input_ids[row].numpy()):
+            raise ValueError(f"{cache.url}: sequence {i} holds other tokens than the reference cache; rebuild it")
+        t_ids, t_lp = cache.targets(int(i), 1.0)
+        ids.append(t_ids)
+        logprobs.append(t_lp)
+    ids, logprobs = np.stack(ids), np.stack(logprobs)
+    used = (ids >= 0).any(axis=(0, 1))  # such slots change no loss term and only cost memory
+    return torch.from_numpy(ids[..., used]), torch.from_numpy(logprobs[..., used])
+
+
+def load_teacher() -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(str(demo.teacher_path())).eval()
+
+
+def make_student(vocab_size: int, seq_len: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        **STUDENT,
+    )
+    return LlamaForCausalLM(config)
+
+
+def dense_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p ‖ q), full vocabulary, T = 1."""
+    log_p = F.log_softmax(teacher_logits.float(), -1).flatten(0, -2)
+    log_q = F.log_softmax(student_logits.float(), -1).flatten(0, -2)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+def run_loss(run: Run, student, input_ids, teacher=None, targets=None) -> torch.Tensor:
+    """The training loss of ``run`` on one batch; soft targets at position t are for the token at t+1 (no shift)."""
+    logits = student(input_ids=input_ids).logits
+    if run.loss == "ce":
+        return next_token_ce(logits, input_ids)
+    if run.loss == "dense":
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=input_ids).logits
+        return dense_kl(logits, teacher_logits)
+    target_ids, target_logprobs = targets
+    return sparse_kl_loss(logits, target_ids.long(), target_logprobs, tail=run.tail, temperature=1.0)
+
+
+def lr_at(step: int, setup: Setup) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    warmup = max(1, int(setup.warmup_frac * setup.steps))
+    if step < warmup:
+        return setup.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, setup.steps - warmup)
+    return setup.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(run: Run, student, order: np.ndarray, input_ids, setup: Setup, teacher=None, targets=None):
+    """``setup.steps`` AdamW steps; batch ``s`` is the sequences ``order[s*batch:(s+1)*batch]``."""
+    opt = torch.optim.AdamW(student.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    student.train()
+    for step in range(setup.steps):
+        rows = torch.from_numpy(order[step * setup.batch : (step + 1) * setup.batch])
+        batch_targets = None if targets is None else (targets[0][rows], targets[1][rows])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, setup)
+        loss = run_loss(run, student, input_ids[rows], teacher, batch_targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+    student.eval()
+    return student
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: Σ_b (n_b / n)·|accuracy_b − mean confidence_b| over equal-width bins of (0, 1]."""
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    conf = np.bincount(which, weights=confidence, minlength=bins)
+    acc = np.bincount(which, weights=correct.astype(np.float64), minlength=bins)
+    return float(np.abs(acc - conf).sum() / len(confidence))
+
+
+@torch.no_grad()
+def evaluate(student, teacher, eval_ids: torch.Tensor, batch: int = 32) -> dict[str, float]:
+    """Held-out CE (nats/token, against the true next tokens), KL(teacher ‖ student) and ECE (15 bins) at the
+    same positions (every position but the last of each sequence)."""
+    ce_sum = kl_sum = 0.0
+    confidence, correct = [], []
+    for a in range(0, len(eval_ids), batch):
+        ids = eval_ids[a : a + batch]
+        log_q = F.log_softmax(student(input_ids=ids).logits[:, :-1].float(), -1)
+        log_p = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1)
+        labels = ids[:, 1:]
+        ce_sum += float(-log_q.gather(-1, labels[..., None]).sum())
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        top_logq, top_id = log_q.max(-1)
+        confidence.append(top_logq.exp().flatten().numpy())
+        correct.append((top_id == labels).flatten().numpy())
+    n = eval_ids[:, 1:].numel()
+    return {"ce": ce_sum / n, "kl": kl_sum / n, "ece": ece(np.concatenate(confidence), np.concatenate(correct))}
+
+
+def flat_grad(run: Run, student, input_ids, teacher=None, targets=None) -> torch.Tensor:
+    """The gradient of ``run``'s loss on one batch w.r.t. all student parameters, flattened."""
+    student.zero_grad(set_to_none=True)
+    run_loss(run, student, input_ids, teacher, targets).backward()
+    grad = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+    student.zero_grad(set_to_none=True)
+    return grad
+
+
+def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
+    cos = torch.dot(a.double(), b.double()) / (a.double().norm() * b.double().norm())
+    return math.degrees(math.acos(float(cos.clamp(-1.0, 1.0))))
