@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 # key → (dtype, padding value)
 _KEYS = {
@@ -16,6 +17,20 @@ _KEYS = {
     "target_ids": (np.int32, -1),
     "target_logprobs": (np.float32, 0),
 }
+
+
+def _filled(shape: tuple[int, ...], dtype, fill) -> tuple[torch.Tensor, np.ndarray]:
+    """A tensor and its numpy view. In a DataLoader worker it is allocated in shared memory, as torch's
+    default_collate does, so that sending it to the main process does not copy it once more."""
+    dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
+    if get_worker_info() is None:
+        tensor = torch.empty(shape, dtype=dtype)
+    else:
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
+        tensor = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    view = tensor.numpy()
+    view.fill(fill)
+    return tensor, view
 
 
 def _array(x, dtype) -> np.ndarray:
@@ -32,8 +47,8 @@ class Collator:
     ``pad_to_multiple_of``): input_ids with 0 (attention_mask 0 there), labels with −100, target_ids with −1,
     target_logprobs with 0. Items may hold numpy arrays, lists or torch tensors; ``attention_mask`` and
     ``labels`` default to ones and ``input_ids``; ``position_ids`` are kept (padded with 0) when items have
-    them; every other key is ignored. Each key is filled into one preallocated array, so the tensors share
-    memory with numpy and work with ``DataLoader(pin_memory=True)``.
+    them; every other key is ignored. Each key is filled into one preallocated array (in shared memory inside
+    a DataLoader worker, as torch's ``default_collate`` does); the tensors work with ``pin_memory=True``.
 
     Packing (``pack_length=N``): whole sequences, in order, are concatenated greedily into rows of at most
     ``N`` tokens (a longer sequence is truncated to ``N``); ``position_ids`` restart at 0 for each sequence
@@ -96,11 +111,11 @@ class Collator:
         keys = ["input_ids", "attention_mask", "labels", "target_ids", "target_logprobs"]
         if self.pack_length is not None or "position_ids" in seqs[0]:
             keys.append("position_ids")
-        out = {}
+        tensors, out = {}, {}
         for key in keys:
             dtype, fill = _KEYS[key]
             shape = (len(rows), width, k) if key.startswith("target") else (len(rows), width)
-            out[key] = np.full(shape, fill, dtype)
+            tensors[key], out[key] = _filled(shape, dtype, fill)
         for r, row in enumerate(rows):
             at = 0
             for n, i in enumerate(row):
@@ -117,7 +132,7 @@ class Collator:
                 elif "position_ids" in out:
                     out["position_ids"][r, at:end] = s["position_ids"]
                 at = end
-        return {key: torch.from_numpy(value) for key, value in out.items()}
+        return tensors
 
 
 collate = Collator()
