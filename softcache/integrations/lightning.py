@@ -1,0 +1,80 @@
+"""Distillation from a softcache cache with PyTorch Lightning.
+
+    import lightning as L
+    from softcache import SoftTargetDataset, collate
+    from softcache.integrations.lightning import DistillationModule
+
+    train = SoftTargetDataset("cache/", temperature=2.0)
+    module = DistillationModule(student, dataset=train, alpha=0.5, learning_rate=1e-3)
+    L.Trainer(max_steps=1000).fit(module, DataLoader(train, batch_size=8, collate_fn=collate, shuffle=True))
+
+:class:`DistillationModule` wraps a causal LM; its ``training_step`` / ``validation_step`` compute
+:class:`~softcache.integrations.loss.DistillationLoss` (the same loss as the HF integration: fused with the output
+layer when the model supports it, labels shifted t -> t + 1) and log ``train_loss`` / ``val_loss`` (plus
+``train_soft_loss`` and ``train_hard_loss`` with ``alpha < 1``). Subclass it to change the optimizer
+(``configure_optimizers``) or to add terms (call ``self.distillation_loss(batch)``).
+
+Each batch's loss is its own mean over counted rows; Lightning's ``accumulate_grad_batches`` and DDP then average
+those means, which weights rows of short micro-batches more than one large batch would. For exact row weighting
+across micro-batches use the HF integration (or pass ``num_items_in_batch`` to ``distillation_loss`` yourself).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from .loss import DistillationLoss
+
+
+class DistillationModule(L.LightningModule):
+    """A LightningModule training ``model`` (a causal LM) on softcache batches.
+
+    Args:
+        model: the student, e.g. a transformers ``*ForCausalLM``.
+        dataset: the training SoftTargetDataset (optional): gives the temperature and checks the student's
+            vocabulary at construction (``dataset.check_student``); a padded-larger vocabulary is sliced in the loss.
+        temperature: loss temperature; default the dataset's (1.0 without one); given and different: ValueError.
+        alpha, kind, tail, beta, fused: options of :class:`~softcache.integrations.loss.DistillationLoss`.
+        learning_rate, weight_decay: of the default AdamW optimizer.
+    """
+
+    def __init__(self, model, *, dataset=None, temperature=None, alpha=1.0, kind="forward_kl", tail="bucket",
+                 beta=0.5, fused="auto", learning_rate=1e-3, weight_decay=0.0):  # fmt: skip
+        super().__init__()
+        self.model = model
+        own = getattr(dataset, "temperature", None)
+        if temperature is not None and own is not None and abs(float(temperature) - own) > 1e-6 * own:
+            raise ValueError(
+                f"temperature={temperature} but the dataset's targets are at temperature {own}; build it with "
+                f"SoftTargetDataset(..., temperature={temperature}) or leave temperature unset"
+            )
+        vocab_size = None
+        if dataset is not None and dataset.check_student(model):
+            vocab_size = dataset.vocab_size
+        temperature = float(temperature if temperature is not None else own if own is not None else 1.0)
+        self.distillation = DistillationLoss(temperature=temperature, alpha=alpha, kind=kind, tail=tail, beta=beta,
+                                             fused=fused, vocab_size=vocab_size)  # fmt: skip
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+
+    def distillation_loss(self, batch, num_items_in_batch=None):
+        """(loss, terms): the loss on ``batch`` and, with 0 < alpha < 1, its detached soft and hard terms."""
+        loss, terms, _ = self.distillation(self.model, batch, num_items_in_batch=num_items_in_batch)
+        return loss, terms
+
+    def training_step(self, batch, batch_idx):
+        loss, terms = self.distillation_loss(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train_loss", loss, prog_bar=True, batch_size=size)
+        for name, value in terms.items():
+            self.log(f"train_{name}", value, batch_size=size)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, _ = self.distillation_loss(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
