@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import softcache
-from softcache import CacheWriter, SoftTargetDataset, open_cache
-from softcache.data import Collator
+from softcache import CacheWriter, SoftTargetDataset, open_cache, reader
+from softcache.data import BatchGroupedSampler, Collator
 from softcache.teacher_model import vocab_fingerprint
 
 V = 101  # odd
@@ -272,8 +272,7 @@ def test_packing_aligns_positions_labels_and_targets(topk, pack_length):
             assert np.array_equal(batch["target_logprobs"][r, sl].numpy(), it["target_logprobs"][:L])
             assert torch.all(batch["attention_mask"][r, sl] == 1)
             labels = it["labels"][:L].copy()
-            if at > 0:
-                labels[0] = -100
+            labels[0] = -100
             assert np.array_equal(batch["labels"][r, sl].numpy(), labels)
             at, seq = at + L, seq + 1
         row_used.append(at)
@@ -303,6 +302,35 @@ def test_dataloader_two_workers_each_sequence_once(topk):
             L = int(batch["attention_mask"][b].sum())
             seen.append(tuple(batch["input_ids"][b, :L].tolist()))
     assert sorted(seen) == sorted(tuple(i.tolist()) for i in ids)
+
+
+def test_batch_grouped_sampler_decodes_each_batch_once(topk, monkeypatch):
+    cache, _, _ = topk
+    ds = SoftTargetDataset(cache.url)
+    sampler = BatchGroupedSampler(ds, seed=4)
+    n_batches = sum(len(s["batches"]) for s in cache.manifest["shards"])
+    decoded = []
+    real = reader.decode_batch
+    monkeypatch.setattr(reader, "decode_batch", lambda *a: decoded.append(1) or real(*a))
+    orders = {}
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(ds))) and len(sampler) == len(ds)
+        assert orders.setdefault(epoch, order) == order
+        decoded.clear()
+        fresh = SoftTargetDataset(cache.url)
+        items = [fresh[i] for i in order]
+        assert len(decoded) == n_batches
+        assert all(np.array_equal(it["input_ids"], ds[i]["input_ids"]) for it, i in zip(items, order, strict=True))
+    assert orders[0] != orders[1] and orders[0] != sorted(orders[0])
+    decoded.clear()
+    fresh = SoftTargetDataset(cache.url)
+    for i in np.random.default_rng(0).permutation(len(ds)):
+        fresh[int(i)]
+    assert len(decoded) > n_batches  # what the sampler saves
+    with pytest.raises(ValueError, match="group"):
+        BatchGroupedSampler(ds, group=0)
 
 
 # ---------------------------------------------------------------------------------------------

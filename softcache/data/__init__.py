@@ -8,6 +8,14 @@ sharding, resumable) yield items with ``input_ids``, ``attention_mask``, ``label
 from .checks import check_student
 from .collate import Collator, collate
 from .dataset import SoftTargetDataset
+from .sampler import BatchGroupedSampler
 from .streaming import StreamingSoftTargetDataset
 
-__all__ = ["Collator", "SoftTargetDataset", "StreamingSoftTargetDataset", "check_student", "collate"]
+__all__ = [
+    "BatchGroupedSampler",
+    "Collator",
+    "SoftTargetDataset",
+    "StreamingSoftTargetDataset",
+    "check_student",
+    "collate",
+]

@@ -52,11 +52,13 @@ class Collator:
 
     Packing (``pack_length=N``): whole sequences, in order, are concatenated greedily into rows of at most
     ``N`` tokens (a longer sequence is truncated to ``N``); ``position_ids`` restart at 0 for each sequence
-    and ``labels`` is −100 at the first token of every sequence after the first in a row, so once the
-    trainer shifts labels no position learns to predict across a boundary; targets stay aligned with their
-    tokens. Packed rows need an attention implementation that honours ``position_ids`` (flash-attention
-    varlen, as with Hugging Face's ``DataCollatorWithFlattening``), otherwise tokens attend across
-    sequences. The padding ``attention_mask`` is returned as for unpacked rows.
+    and ``labels`` is −100 at the first token of every packed sequence (as Hugging Face's
+    ``DataCollatorWithFlattening`` does), so once the trainer shifts labels no position learns to predict
+    across a boundary, even if rows are later flattened into one; targets stay aligned with their tokens.
+    Packed rows need an attention implementation that honours ``position_ids`` (flash-attention varlen),
+    otherwise tokens attend across sequences. Hugging Face models take that path only for a single row
+    without ``attention_mask``: flatten the batch (``x.view(1, -1)`` per key) and drop ``attention_mask``
+    (padding then forms sequences of its own, with labels −100 and no targets).
     """
 
     def __init__(self, pad_to_multiple_of: int | None = None, pack_length: int | None = None) -> None:
@@ -118,7 +120,7 @@ class Collator:
             tensors[key], out[key] = _filled(shape, dtype, fill)
         for r, row in enumerate(rows):
             at = 0
-            for n, i in enumerate(row):
+            for i in row:
                 s, end = seqs[i], at + lengths[i]
                 out["input_ids"][r, at:end] = s["input_ids"]
                 out["attention_mask"][r, at:end] = s.get("attention_mask", 1)
@@ -127,8 +129,7 @@ class Collator:
                 out["target_logprobs"][r, at:end] = s["target_logprobs"]
                 if self.pack_length is not None:
                     out["position_ids"][r, at:end] = np.arange(lengths[i])
-                    if n > 0:
-                        out["labels"][r, at] = -100
+                    out["labels"][r, at] = -100
                 elif "position_ids" in out:
                     out["position_ids"][r, at:end] = s["position_ids"]
                 at = end
