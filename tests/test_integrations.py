@@ -18,7 +18,6 @@ from softcache.kernels.hf import shift_labels
 
 import softcache
 from softcache.integrations.hf import DistillationTrainer
-from softcache.integrations.lightning import DistillationModule
 from softcache.integrations.loss import DistillationLoss, supports_fused
 
 V, K = 203, 6
@@ -165,17 +164,20 @@ def test_remove_unused_columns_keeps_the_targets(random_cache, tmp_path):
     import datasets
 
     ds = softcache.SoftTargetDataset(random_cache, temperature=2.0)
-    rows = [{**ds[i], "source": f"row {i}"} for i in range(len(ds))]
-    table = datasets.Dataset.from_list(rows)
+    table = datasets.Dataset.from_list([{**ds[i], "source": f"row {i}"} for i in range(len(ds))])
+    decoded = ds.cache.to_hf_dataset(temperature=2.0).shuffle(seed=0)
     args = arguments(tmp_path, remove_unused_columns=True, max_steps=2)
-    for train, options in ((table, dict(temperature=2.0, vocab_size=V)), (ds, {})):
+    for train, options in ((table, dict(temperature=2.0, vocab_size=V)), (decoded, {}), (ds, {})):
         trainer = DistillationTrainer(model=student(), args=args, train_dataset=train, **options)
+        assert trainer.distillation.temperature == 2.0
         batch = next(iter(trainer.get_train_dataloader()))
         assert {"target_ids", "target_logprobs", "labels"} <= set(batch)
         assert batch["target_logprobs"].dtype == torch.float32 and batch["target_ids"].shape[-1] == K
         trainer.train()
         assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
     assert "source" not in trainer._remove_unused_columns(table).column_names
+    with pytest.raises(ValueError, match="vocab_size=203 but the student has 202 logits"):
+        DistillationTrainer(model=student(vocab=V - 1), args=args, train_dataset=decoded)
 
 
 def test_logs_soft_and_hard_terms(random_cache, tmp_path):
@@ -191,6 +193,8 @@ def test_logs_soft_and_hard_terms(random_cache, tmp_path):
 
 
 def test_lightning_module_uses_the_same_loss(random_cache):
+    from softcache.integrations.lightning import DistillationModule
+
     ds = softcache.SoftTargetDataset(random_cache, temperature=2.0)
     model = student(vocab=V + 3)
     module = DistillationModule(model, dataset=ds, alpha=0.6)

@@ -23,23 +23,32 @@ What it changes in ``transformers.Trainer``:
   Trainer does not divide it again; DDP's gradient mean is undone as the Trainer does for its own losses.
   So two micro-batches of 2 give exactly the gradient of one batch of 4.
 
+Datasets: a :class:`~softcache.SoftTargetDataset` (also inside ``torch.utils.data.Subset``), a
+``Cache.to_hf_dataset()`` (its ``index`` column is kept), or any dataset of such items (a ``datasets.Dataset`` built
+from them: pass ``temperature=`` and, for a padded student, ``vocab_size=``). Under ``torchrun`` give the Trainer a
+map-style dataset, which it shards with a ``DistributedSampler``; ``StreamingSoftTargetDataset`` shards itself by
+rank, and accelerate shards iterable datasets again (or, with ``dispatch_batches``, reads them on rank 0 only), so
+use it with the Trainer in one process only.
+
 Evaluation (``trainer.evaluate()``) reports ``eval_loss``, the same loss averaged over evaluation batches. With
 ``compute_metrics`` on the fused path, the model's outputs hold only the last position's logits; pass
 ``fused=False`` if metrics need all logits. One process with several GPUs (``DataParallel``) is not supported: use
 ``torchrun``.
 
-TRL: the loss lives in :class:`DistillationMixin`, so it combines with any ``Trainer`` subclass, e.g. ::
+TRL: the loss lives in :class:`DistillationMixin`, so it combines with any ``Trainer`` subclass. TRL's SFTTrainer
+takes only ``datasets`` datasets; ``Cache.to_hf_dataset`` gives one (tried with trl 1.16: bf16 autocast, logs) ::
 
     from trl import SFTConfig, SFTTrainer
 
     class DistillSFTTrainer(DistillationMixin, SFTTrainer):
         pass
 
+    train = softcache.open_cache("cache/").to_hf_dataset(temperature=2.0)
     trainer = DistillSFTTrainer(model=student, args=SFTConfig(..., dataset_kwargs={"skip_prepare_dataset": True}),
-                                train_dataset=SoftTargetDataset("cache/"), alpha=0.5)
+                                train_dataset=train, processing_class=tokenizer, alpha=0.5)
 
 ``skip_prepare_dataset`` keeps SFTTrainer from re-tokenising the cache's sequences; the data collator defaults to
-``softcache.collate`` as above.
+``softcache.collate`` as above, and the loss replaces SFTTrainer's (its token-accuracy metrics are not logged).
 """
 
 from __future__ import annotations
@@ -55,11 +64,17 @@ from .loss import DistillationLoss
 TARGET_COLUMNS = ("target_ids", "target_logprobs")
 
 
+def _decoder(dataset):
+    """The decoding transform of a ``Cache.to_hf_dataset()`` (it knows the cache), or None."""
+    transform = (getattr(dataset, "format", None) or {}).get("format_kwargs", {}).get("transform")
+    return transform if callable(getattr(transform, "check_student", None)) else None
+
+
 def _source(dataset):
-    """The dataset under ``torch.utils.data.Subset`` wrappers (it knows the cache's temperature and vocabulary)."""
+    """What knows the cache's temperature and vocabulary: the dataset under ``Subset`` wrappers, or its decoder."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    return dataset
+    return _decoder(dataset) or dataset
 
 
 def _dataset_temperature(datasets) -> float | None:
@@ -126,6 +141,11 @@ class DistillationMixin:
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
             self._signature_columns += [c for c in TARGET_COLUMNS if c not in self._signature_columns]
+
+    def _remove_unused_columns(self, dataset, description=None):
+        if _decoder(dataset) is not None:  # items are decoded from its index column; collate keeps only their keys
+            return dataset
+        return super()._remove_unused_columns(dataset, description)
 
     def _across_ranks(self) -> bool:
         return bool(self.args.average_tokens_across_devices) and self.args.world_size > 1
