@@ -130,6 +130,30 @@ def tokens_per_second(loader, repeats: int) -> tuple[float, float, int]:
     return wall, per_cpu, tokens
 
 
+def stages(cache_dir: str, repeats: int) -> dict[str, float]:
+    """CPU µs per token of each stage of the in-order map-style path, in this process (best of ``repeats``):
+    the reader (batch read + zstd + CRC + codec decode), items (slices, copies, tempering), collate."""
+    ds = SoftTargetDataset(cache_dir, temperature=T)
+    cache = ds.cache
+    units = [(s, b) for s, shard in enumerate(cache.manifest["shards"]) for b in range(len(shard["batches"]))]
+    best = {"read + decode": np.inf, "items + temper": np.inf, "collate": np.inf}
+    for _ in range(repeats):
+        spent = dict.fromkeys(best, 0.0)
+        for s, b in units:
+            cache._decoded.clear()
+            t0 = time.process_time()
+            decoded = cache._decode(s, b)
+            t1 = time.process_time()
+            items = [ds._item(decoded, j) for j in range(len(decoded["offsets"]) - 1)]
+            t2 = time.process_time()
+            softcache.collate(items)
+            t3 = time.process_time()
+            for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                spent[key] += dt
+        best = {key: min(best[key], spent[key] * 1e6 / cache.num_tokens) for key in best}
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--tokens", type=int, default=300_000)
@@ -164,6 +188,7 @@ def main() -> None:
             "softcache map in order": lambda: (SoftTargetDataset(cache_dir, temperature=T), {}),
             "softcache streaming": lambda: (StreamingSoftTargetDataset(cache_dir, T, shuffle_buffer=64), {}),
         }
+        breakdown = stages(cache_dir, args.repeats)
         rows = []
         for workers in args.workers:
             naive_tps = naive_cpu = None
@@ -194,6 +219,8 @@ def main() -> None:
         print(f"| {name} | {workers} | {tps / 1e6:.2f}M | {per / 1e6:.2f}M | {ratio:.2f} | {per_cpu / 1e6:.2f}M "
               f"| {cpu_ratio:.2f} |")  # fmt: skip
     print()
+    print("CPU µs per token, in-order path in one process: "
+          + ", ".join(f"{key} {us:.2f}" for key, us in breakdown.items()))  # fmt: skip
     worst = min(r[3] for r in rows if "shuffled" not in r[0] and "naive" not in r[0])
     print(
         f"Goal ≥ 1M tokens/s per worker (decode once per batch): worst {worst / 1e6:.2f}M — "

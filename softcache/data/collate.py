@@ -19,18 +19,16 @@ _KEYS = {
 }
 
 
-def _filled(shape: tuple[int, ...], dtype, fill) -> tuple[torch.Tensor, np.ndarray]:
-    """A tensor and its numpy view. In a DataLoader worker it is allocated in shared memory, as torch's
-    default_collate does, so that sending it to the main process does not copy it once more."""
+def _empty(shape: tuple[int, ...], dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised tensor and its numpy view. In a DataLoader worker it is allocated in shared memory, as
+    torch's default_collate does, so that sending it to the main process does not copy it once more."""
     dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
     if get_worker_info() is None:
         tensor = torch.empty(shape, dtype=dtype)
     else:
         storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
         tensor = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-    view = tensor.numpy()
-    view.fill(fill)
-    return tensor, view
+    return tensor, tensor.numpy()
 
 
 def _array(x, dtype) -> np.ndarray:
@@ -115,9 +113,9 @@ class Collator:
             keys.append("position_ids")
         tensors, out = {}, {}
         for key in keys:
-            dtype, fill = _KEYS[key]
+            dtype = _KEYS[key][0]
             shape = (len(rows), width, k) if key.startswith("target") else (len(rows), width)
-            tensors[key], out[key] = _filled(shape, dtype, fill)
+            tensors[key], out[key] = _empty(shape, dtype)
         for r, row in enumerate(rows):
             at = 0
             for i in row:
@@ -133,6 +131,8 @@ class Collator:
                 elif "position_ids" in out:
                     out["position_ids"][r, at:end] = s["position_ids"]
                 at = end
+            for key, value in out.items():
+                value[r, at:] = _KEYS[key][1]
         return tensors
 
 
