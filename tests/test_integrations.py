@@ -203,7 +203,10 @@ def test_lightning_module_uses_the_same_loss(random_cache):
     loss, terms = module.distillation_loss(batch)
     expected = reference_loss(model, batch, temperature=2.0, alpha=0.6, vocab=V)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert loss.item() == pytest.approx(0.6 * terms["soft_loss"].item() + 0.4 * terms["hard_loss"].item(), rel=1e-5)
+    soft = reference_loss(model, batch, temperature=2.0, alpha=1.0, vocab=V)  # the T^2-scaled divergence alone
+    hard = reference_loss(model, batch, temperature=2.0, alpha=0.0, vocab=V)  # the cross-entropy alone
+    assert terms["soft_loss"].item() == pytest.approx(soft.item(), rel=1e-4)
+    assert terms["hard_loss"].item() == pytest.approx(hard.item(), rel=1e-5)
     with pytest.raises(ValueError, match="temperature=1.0 but the dataset's targets are at temperature 2.0"):
         DistillationModule(model, dataset=ds, temperature=1.0)
 

@@ -133,7 +133,10 @@ class DistillationMixin:
             if callable(getattr(ds, "check_student", None)):
                 extra = ds.check_student(model)
                 if vocab_size is not None and int(vocab_size) != ds.vocab_size:
-                    raise ValueError(f"vocab_size={vocab_size} but the dataset's cache has {ds.vocab_size}")
+                    raise ValueError(
+                        f"vocab_size={vocab_size} but the dataset's cache has vocab_size={ds.vocab_size}; leave "
+                        "vocab_size unset, the dataset gives it"
+                    )
                 vocab_size = ds.vocab_size if extra else None
         return vocab_size
 
@@ -165,11 +168,14 @@ class DistillationMixin:
         if not model.training:  # evaluation: a per-batch mean (the Trainer's own label count would not match)
             num_items_in_batch = None
         inner = self.accelerator.unwrap_model(model)
-        loss, terms, outputs = self.distillation(inner, inputs, num_items_in_batch=num_items_in_batch, forward=model)
+        loss, terms, outputs = self.distillation(inner, inputs, num_items_in_batch=num_items_in_batch, forward=model,
+                                                 with_terms=model.training)  # fmt: skip
         if num_items_in_batch is not None and self._across_ranks():
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; the count spans them
             terms = {name: value * self.accelerator.num_processes for name, value in terms.items()}
         if model.training:
+            if terms and not self._terms:
+                self._terms_since_step = self.state.global_step  # the optimizer steps done before these terms
             for name, value in terms.items():
                 self._terms[name] = self._terms.get(name, 0.0) + value
         return (loss, outputs) if return_outputs else loss
@@ -181,7 +187,6 @@ class DistillationMixin:
             for name, value in self._terms.items():
                 logs[name] = self.accelerator.gather(value.reshape(1)).mean().item() / steps
             self._terms = {}
-            self._terms_since_step = self.state.global_step
         return super().log(logs, *args, **kwargs)
 
 

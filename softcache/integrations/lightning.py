@@ -58,9 +58,10 @@ class DistillationModule(L.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
 
-    def distillation_loss(self, batch, num_items_in_batch=None):
+    def distillation_loss(self, batch, num_items_in_batch=None, with_terms=True):
         """(loss, terms): the loss on ``batch`` and, with 0 < alpha < 1, its detached soft and hard terms."""
-        loss, terms, _ = self.distillation(self.model, batch, num_items_in_batch=num_items_in_batch)
+        loss, terms, _ = self.distillation(self.model, batch, num_items_in_batch=num_items_in_batch,
+                                           with_terms=with_terms)  # fmt: skip
         return loss, terms
 
     def training_step(self, batch, batch_idx):
@@ -72,7 +73,7 @@ class DistillationModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, _ = self.distillation_loss(batch)
+        loss, _ = self.distillation_loss(batch, with_terms=False)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

@@ -69,7 +69,7 @@ class DistillationLoss:
         vocab = self.vocab_size if self.vocab_size is not None else torch.iinfo(ids.dtype).max
         return counted_rows(vocab, ids, self.shifted_labels(batch), self.ignore_index).sum()
 
-    def __call__(self, model, batch, *, num_items_in_batch=None, forward=None):
+    def __call__(self, model, batch, *, num_items_in_batch=None, forward=None, with_terms=True):
         """The loss of ``model`` on ``batch``.
 
         Args:
@@ -78,6 +78,7 @@ class DistillationLoss:
             num_items_in_batch: denominator of the mean (rows counted over all micro-batches of an accumulated
                 step, and over all ranks); default: the rows counted in this batch.
             forward: the callable that runs the model, e.g. its ``DistributedDataParallel`` wrapper; default model.
+            with_terms: compute the soft and hard terms (with 0 < alpha < 1).
 
         Returns:
             (loss, terms, outputs): the scalar loss; ``terms`` = detached ``soft_loss`` (alpha-free T^2 D term) and
@@ -104,7 +105,7 @@ class DistillationLoss:
             args = (logits,)
         loss = loss_of(self.alpha, *args)
         terms = {}
-        if 0.0 < self.alpha < 1.0:
+        if with_terms and 0.0 < self.alpha < 1.0:
             with torch.no_grad():
                 hard = loss_of(0.0, *(a.detach() if a is not None else None for a in args))
             total = loss.detach()
