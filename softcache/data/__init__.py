@@ -3,6 +3,8 @@
 ``SoftTargetDataset`` (random access) and ``StreamingSoftTargetDataset`` (sequential reads, DDP and worker
 sharding, resumable) yield items with ``input_ids``, ``attention_mask``, ``labels`` and ``target_ids`` /
 ``target_logprobs`` at the dataset's temperature; ``collate`` pads them into torch tensors.
+``BatchGroupedSampler`` shuffles a ``SoftTargetDataset`` without decoding a stored batch more than once.
+``Cache.to_hf_dataset`` gives the same items as a ``datasets.Dataset``.
 """
 
 from .checks import check_student
