@@ -26,9 +26,8 @@ def ident(item) -> bytes:
 
 
 def index_of(cache) -> dict[bytes, int]:
-    ds = SoftTargetDataset(cache)
-    table = {ident(ds[i]): i for i in range(len(ds))}
-    assert len(table) == len(ds)
+    table = {ident(cache[i]): i for i in range(len(cache))}
+    assert len(table) == len(cache)
     return table
 
 
@@ -184,3 +183,23 @@ def test_stateful_dataloader_resumes_mid_epoch(cache, num_workers):
         second = loader()
         second.load_state_dict(state)
         assert head + [rows(b) for b in second] == full
+
+
+def test_streams_a_sampled_cache_from_an_fsspec_url():
+    import uuid
+
+    import fsspec
+
+    url = f"memory://softcache-stream-{uuid.uuid4().hex}"
+    try:
+        cache = make_cache(url, seed=8, n=21, targets="sampled")[0]
+        ds = SoftTargetDataset(url, temperature=2.0)
+        stream = StreamingSoftTargetDataset(url, temperature=2.0, shuffle_buffer=4, seed=1)
+        loader = DataLoader(stream, batch_size=None, num_workers=2)  # forked workers see the memory filesystem
+        table = index_of(cache)
+        got = [(table[ident(item)], item) for item in loader]
+        assert sorted(i for i, _ in got) == list(range(len(ds)))
+        for i, item in got:
+            assert all(np.array_equal(item[k], ds[i][k]) for k in item)
+    finally:
+        fsspec.filesystem("memory").rm(url[len("memory://") :], recursive=True)
