@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from test_data import make_cache
 from torch.utils.data import DataLoader
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 import softcache
 from softcache import SoftTargetDataset, StreamingSoftTargetDataset
@@ -159,6 +158,7 @@ def test_resume_with_other_readers_is_an_error(cache):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_stateful_dataloader_resumes_mid_epoch(cache, num_workers):
+    StatefulDataLoader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
     table = index_of(cache)
 
     def loader():
