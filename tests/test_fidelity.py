@@ -76,8 +76,8 @@ def test_quick_run_end_to_end(tmp_path):
     for name, line in rows.items():
         numbers = [float(x) for x in re.findall(NUMBER, line.split("|", 2)[2])]
         assert len(numbers) >= 12 and all(math.isfinite(x) for x in numbers), (name, line)
-    assert rows["dense"].split("|")[6].strip().startswith("100.0")
-    assert rows["ce"].split("|")[6].strip().startswith("0.0")
+    assert rows["dense"].split("|")[8].strip().startswith("100.0")
+    assert rows["ce"].split("|")[8].strip().startswith("0.0")
     assert (out / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     results = json.loads((out / "results.json").read_text())
@@ -86,4 +86,6 @@ def test_quick_run_end_to_end(tmp_path):
     assert seed["sampled50"]["angle_init_bucket_vs_renormalize"] < 1.0  # one loss for sampled targets
     for run in seed.values():
         assert 0 <= run["ece"] <= 1 and run["kl"] >= 0 and run["ce"] > 0
-    assert results["bytes_per_token"]["sampled50"] > 0 and results["bytes_per_token"]["topk64"] > 0
+    caches = results["caches"]
+    assert caches["sampled50"]["bytes_per_token"] > 0 and caches["sampled50"]["teacher_mass"] is None
+    assert 0 < caches["topk64"]["teacher_mass"] <= 1 + 1e-6 and caches["topk64"]["ids_per_position"] == 64

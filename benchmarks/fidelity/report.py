@@ -11,6 +11,56 @@ from pathlib import Path
 import numpy as np
 import torch
 
+TEMPLATE = """\
+# Fidelity: students trained from softcache caches vs the live teacher (issue 7)
+
+{quick}Small-scale version of Anshumann et al. 2025, "Sparse Logit Sampling" (ACL 2025). The shipped demo teacher
+(`softcache.demo.teacher_path()`, Llama, V = {vocab}, hidden 128, 3 layers) runs once over the first
+{cached_tokens:,} tokens of the demo corpus's train split, packed into {seq_len}-token sequences, and
+`softcache.teacher.build` writes each cache. Students (Llama, hidden 64, 2 layers, same tokenizer, 0.36M parameters)
+train for {steps} AdamW steps of {batch} sequences (peak lr {lr}, {warmup_frac:.0%} linear warmup, cosine to 10 %,
+grad-norm clip 1; one pass over {train_tokens:,} tokens). Within a seed every run starts from the same weights and
+sees the same sequences in the same order (input ids read back from the cache); seeds change both. {seeds}; cells are
+mean ± std over seeds.
+
+Losses: **ce** = cross-entropy on the next token; **dense** = KL(teacher ‖ student) over the full vocabulary from the
+live teacher (T = 1); **topkK_tail** = `sparse_kl_loss(..., tail=tail, temperature=1)` on that cache. All KD runs are
+pure KD (alpha = 1, no hard-label term), as in the paper. **sampledN** (N draws per position at T = 1, stored as
+unique ids with counts): one run, because for sampled targets P = Σ c/N = 1, so the bucket tail is empty and
+`bucket` and `renormalize` are the same loss and gradient (measured angle between their gradients: {tails}).
+
+Metrics on {eval_tokens:,} held-out positions (the demo corpus's validation split, seen neither by the teacher's
+training nor by the students): **held-out CE** = mean −log q(true next token); **KL** = mean KL(teacher ‖ student)
+over the full vocabulary at the same positions; **ECE** = expected calibration error of the student's top-1
+prediction, 15 equal-width confidence bins; **gap closed** = (CE_ce − CE_run) / (CE_ce − CE_dense) × 100, computed
+within each seed (0 % = no better than hard labels, 100 % = as good as dense KD, negative = worse than hard labels);
+**bytes/token** = cache bytes on disk / tokens (`cache.num_bytes / cache.num_tokens`); **angle** = angle between the
+gradient of the run's loss and the dense-KD gradient w.r.t. all student parameters, on a fixed batch of
+{angle_seqs} cached sequences that no run trains on, at the seed's initial weights and at the dense-KD student's
+final weights.
+
+## Results
+
+{table}
+
+CE-only minus dense-KD held-out CE (the gap every percentage divides by): {gap} nats.
+
+![gap closed against bytes per token](fidelity.png)
+
+## Goals
+
+{goals}
+
+## Run
+
+- Command: `{command}`
+- Machine: {machine}; 2 cores shared with other jobs while it ran.
+- Date: {date}; wall time {minutes:.1f} min, of which cache builds: {builds}.
+- Per-seed numbers: `results.json` next to this file.
+
+{last_line}
+"""
+
 
 def gap_closed(ce_only: float, dense: float, ce_run: float) -> float:
     """Share (%) of the held-out CE gap between the CE-only and the dense-KD student that a run closes."""
@@ -127,28 +177,30 @@ def goals(table: dict, runs, bytes_per_token: dict) -> list[str]:
     return lines
 
 
-def write_results(out: Path, runs, caches, per_seed, bytes_per_token, vocab_size: int, info: dict) -> Path:
+def write_results(out: Path, runs, caches, per_seed, stats: dict, vocab_size: int, info: dict) -> Path:
     """Write ``out``/RESULTS.md (table, setup, goals, plot link, and the summary line last), fidelity.png and
-    results.json (every per-seed number)."""
+    results.json (every per-seed number). ``stats``: per cache, what ``study.cache_stats`` returns."""
     out.mkdir(parents=True, exist_ok=True)
+    bytes_per_token = {name: s["bytes_per_token"] for name, s in stats.items()}
     table = summarise(runs, per_seed)
     dense_bytes = 2.0 * vocab_size
     plot(out / "fidelity.png", runs, table, bytes_per_token, dense_bytes)
-    (out / "results.json").write_text(
-        json.dumps({"info": info, "bytes_per_token": bytes_per_token, "per_seed": per_seed}, indent=1)
-    )
+    (out / "results.json").write_text(json.dumps({"info": info, "caches": stats, "per_seed": per_seed}, indent=1))
     setup = info["setup"]
-    n = info["seeds"]
+    n = len(per_seed)
     rows = [
-        "| run | bytes/token | held-out CE (nats) | KL(teacher‖student) | ECE (%) | gap closed (%) "
-        "| angle to dense grad, init (°) | angle, trained (°) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | bytes/token | ids/position | teacher mass in ids | held-out CE (nats) | KL(teacher‖student) "
+        "| ECE (%) | gap closed (%) | angle to dense grad, init (°) | angle, trained (°) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         t = table[run.name]
-        size = {"ce": "— (labels)", "dense": f"{dense_bytes:.0f} (live; bf16 logits)"}.get(
-            run.name, f"{bytes_per_token.get(run.cache, 0):.1f}"
-        )
+        if run.loss == "cache":
+            c = stats[run.cache]
+            mass = "1 (counts)" if c["teacher_mass"] is None else f"{c['teacher_mass']:.3f}"
+            size = f"{c['bytes_per_token']:.1f} | {c['ids_per_position']:.1f} | {mass}"
+        else:
+            size = "— | — | —" if run.loss == "ce" else f"{dense_bytes:.0f} (live; bf16 logits) | {vocab_size} | 1"
         rows.append(
             f"| {run.name} | {size} | {_pm(t['ce'], '.4f')} | {_pm(t['kl'], '.4f')} | "
             f"{_pm(t['ece'], '.2f', 100)} | {_pm(t['gap'], '.1f')} | {_pm(t['angle_init'], '.1f')} | "
@@ -161,63 +213,30 @@ def write_results(out: Path, runs, caches, per_seed, bytes_per_token, vocab_size
         f"{table[name]['angle_trained_bucket_vs_renormalize'][0]:.2g}° trained"
         for name in sampled
     )
+    partial = f" (**only {n} of the {info['seeds']} requested finished**)" if n < info["seeds"] else ""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     builds = ", ".join(f"{k} {'reused' if v is None else f'{v:.0f}s'}" for k, v in info["build_seconds"].items())
-    text = f"""# Fidelity: students trained from softcache caches vs the live teacher (issue 7)
-
-{"**QUICK MODE: tiny sizes that exercise the code paths; these numbers mean nothing.**" if info["quick"] else ""}
-
-Small-scale version of Anshumann et al. 2025, "Sparse Logit Sampling" (ACL 2025). The shipped demo teacher
-(`softcache.demo.teacher_path()`, Llama, V = {vocab_size}, hidden 128, 3 layers) runs once over the first
-{info["train_tokens"] + setup["angle_seqs"] * setup["seq_len"]:,} tokens of the demo corpus's train split (packed into
-{setup["seq_len"]}-token sequences) and `softcache.teacher.build` writes each cache. Students (Llama, hidden 64,
-2 layers, same tokenizer, 0.36M parameters) train for {setup["steps"]} AdamW steps of {setup["batch"]} sequences
-(peak lr {setup["lr"]}, {setup["warmup_frac"]:.0%} linear warmup, cosine to 10 %, grad-norm clip 1, one pass over
-{
-        info[
-            "train_tokens"
-        ]:,} tokens). Within a seed every run starts from the same weights and sees the same sequences in the
-same order (input ids read back from the cache); seeds change both. {n} seed(s); cells are mean ± std over seeds.
-
-Losses: **ce** = cross-entropy on the next token; **dense** = KL(teacher ‖ student) over the full vocabulary from the
-live teacher (T = 1); **topkK_tail** = `sparse_kl_loss(..., tail=tail, temperature=1)` on that cache. All KD runs are
-pure KD (alpha = 1, no hard-label term), as in the paper. **sampledN** (N draws per position at T = 1, stored as
-unique ids with counts): one run, because for sampled targets P = Σ c/N = 1, so the bucket tail is empty and
-`bucket` and `renormalize` are the same loss and gradient (measured angle between their gradients: {tails}).
-
-Metrics on {info["eval_tokens"]:,} held-out positions (the demo corpus's validation split, never seen by teacher
-training or students): **held-out CE** = mean −log q(true next token); **KL** = mean KL(teacher ‖ student) over the
-full vocabulary at the same positions; **ECE** = expected calibration error of the student's top-1 prediction, 15
-equal-width confidence bins; **gap closed** = (CE_ce − CE_run) / (CE_ce − CE_dense) × 100, computed within each seed
-(0 % = no better than hard labels, 100 % = as good as dense KD; negative = worse than hard labels);
-**bytes/token** = cache bytes on disk / tokens (`cache.num_bytes / cache.num_tokens`); **angle** = angle between the
-gradient of the run's loss and the dense-KD gradient w.r.t. all student parameters, on a fixed batch of
-{setup["angle_seqs"]} cached sequences no run trains on, at the seed's initial weights and at the dense-KD student's
-final weights.
-
-## Results
-
-{chr(10).join(rows)}
-
-CE-only minus dense-KD held-out CE (the gap every percentage divides by): {
-        _pm((np.mean(ce_gap), np.std(ce_gap, ddof=1) if n > 1 else 0.0), ".4f")
-    } nats.
-
-![gap closed against bytes per token](fidelity.png)
-
-## Goals
-
-{chr(10).join(goals(table, runs, bytes_per_token))}
-
-## Run
-
-- Command: `{info["command"]}`
-- Machine: {machine()}; 2 cores shared with other jobs while it ran.
-- Date: {date}; wall time {info["wall_seconds"] / 60:.1f} min, of which cache builds: {builds}.
-- Per-seed numbers: `results.json` next to this file.
-
-{last_line(table, bytes_per_token)}
-"""
+    text = TEMPLATE.format(
+        quick="**QUICK MODE: tiny sizes that exercise the code paths; these numbers mean nothing.**\n\n"
+        if info["quick"]
+        else "",
+        vocab=vocab_size,
+        cached_tokens=info["train_tokens"] + setup["angle_seqs"] * setup["seq_len"],
+        train_tokens=info["train_tokens"],
+        seeds=f"{n} seed(s){partial}",
+        tails=tails,
+        eval_tokens=info["eval_tokens"],
+        table="\n".join(rows),
+        gap=_pm((np.mean(ce_gap), np.std(ce_gap, ddof=1) if n > 1 else 0.0), ".4f"),
+        goals="\n".join(goals(table, runs, bytes_per_token)),
+        command=info["command"],
+        machine=machine(),
+        date=date,
+        minutes=info["wall_seconds"] / 60,
+        builds=builds,
+        last_line=last_line(table, bytes_per_token),
+        **setup,
+    )
     path = out / "RESULTS.md"
     path.write_text(text)
     return path

@@ -29,6 +29,7 @@ from study import (
     Setup,
     angle_degrees,
     build_caches,
+    cache_stats,
     evaluate,
     flat_grad,
     held_out,
@@ -62,7 +63,7 @@ def plan_runs(caches: list[CacheSpec]) -> list[Run]:
     return runs
 
 
-def run_seed(seed, runs, caches, input_ids, eval_ids, teacher, setup, workdir) -> dict[str, dict]:
+def run_seed(seed, runs, caches, input_ids, held, teacher, setup, workdir) -> dict[str, dict]:
     """Train every run from the seed's initial weights in the seed's data order; measure each on held-out text.
 
     Gradient angles against dense KD are taken on the angle batch (sequences no run trains on), at the initial
@@ -81,7 +82,7 @@ def run_seed(seed, runs, caches, input_ids, eval_ids, teacher, setup, workdir) -
             angle_targets[run.cache] = (targets[0][angle_rows], targets[1][angle_rows])
         t0 = time.perf_counter()
         student = train(run, copy.deepcopy(initial), order, input_ids, setup, teacher, targets)
-        results[run.name] = {**evaluate(student, teacher, eval_ids), "seconds": time.perf_counter() - t0}
+        results[run.name] = {**evaluate(student, held), "seconds": time.perf_counter() - t0}
         if run.loss == "dense":
             dense_student = student
         r = results[run.name]
@@ -114,14 +115,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(here), help="where RESULTS.md, fidelity.png and results.json go")
     parser.add_argument("--workdir", default=None, help="where the caches are built (reused if complete)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; quick 12)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 120; quick 12)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 16; quick 4)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128; quick 32)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warmup + cosine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a CPU shared with other jobs, a second "
+        "OpenMP thread that gets descheduled stalls every op at the barrier, measured 2-15x slower per step)",
+    )
     parser.add_argument("--eval-seqs", type=int, default=None, help="held-out sequences (default 256; quick 8)")
     args = parser.parse_args(argv)
     quick = dict(seeds=1, steps=12, batch=4, seq_len=32, eval_seqs=8)
-    full = dict(seeds=3, steps=200, batch=16, seq_len=128, eval_seqs=256)
+    full = dict(seeds=3, steps=120, batch=16, seq_len=128, eval_seqs=256)
     sizes = {
         key: getattr(args, key) if getattr(args, key) is not None else value
         for key, value in (quick if args.quick else full).items()
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     caches = QUICK_CACHES if args.quick else FULL_CACHES
     runs = plan_runs(caches)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     workdir = args.workdir or tempfile.mkdtemp(prefix="softcache-fidelity-")
@@ -144,26 +152,25 @@ def main(argv: list[str] | None = None) -> None:
     build_seconds = build_caches(caches, workdir, setup.seq_len, n_seqs)
     reference = softcache.open_cache(f"{workdir}/{caches[0].name}")
     input_ids = torch.from_numpy(np.stack([reference[i]["input_ids"] for i in range(n_seqs)]))
-    eval_ids = held_out(setup.eval_seqs, setup.seq_len)
     teacher = load_teacher()
-    bytes_per_token = {}
-    for spec in caches:
-        cache = softcache.open_cache(f"{workdir}/{spec.name}")
-        bytes_per_token[spec.name] = cache.num_bytes / cache.num_tokens
-    per_seed = [run_seed(s, runs, caches, input_ids, eval_ids, teacher, setup, workdir) for s in range(sizes["seeds"])]
-
+    held = held_out(setup.eval_seqs, setup.seq_len, teacher)
+    stats = {spec.name: cache_stats(softcache.open_cache(f"{workdir}/{spec.name}"), n_seqs) for spec in caches}
     info = {
         "command": shlex.join(["python", "benchmarks/fidelity/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "setup": setup.__dict__,
         "seeds": sizes["seeds"],
         "build_seconds": build_seconds,
         "train_tokens": int(n_seqs - setup.angle_seqs) * setup.seq_len,
-        "eval_tokens": int(eval_ids[:, 1:].numel()),
-        "wall_seconds": time.perf_counter() - t0,
+        "eval_tokens": int(held.ids[:, 1:].numel()),
         "workdir": workdir,
         "quick": args.quick,
     }
-    path = write_results(Path(args.out), runs, caches, per_seed, bytes_per_token, teacher.config.vocab_size, info)
+    per_seed = []
+    for seed in range(sizes["seeds"]):
+        per_seed.append(run_seed(seed, runs, caches, input_ids, held, teacher, setup, workdir))
+        # Written after every seed, so that a run stopped early still leaves its finished seeds (marked as such).
+        info["wall_seconds"] = time.perf_counter() - t0
+        path = write_results(Path(args.out), runs, caches, per_seed, stats, teacher.config.vocab_size, info)
     print(f"wrote {path} in {info['wall_seconds']:.0f}s")
 
 

@@ -123,11 +123,29 @@ def docs_needed(n_seqs: int, seq_len: int) -> int:
     return len(docs)
 
 
-def held_out(n_seqs: int, seq_len: int) -> torch.Tensor:
-    """The first ``n_seqs`` full packed sequences of the demo validation split, (n, seq_len) int64."""
+@dataclass
+class HeldOut:
+    """Held-out sequences (n, L) and the teacher's next-token probabilities at every position but the last, per
+    evaluation batch (computed once: the teacher is fixed), with Σ p·log p over all of them."""
+
+    ids: torch.Tensor
+    teacher_probs: list[torch.Tensor]
+    teacher_plogp: float
+    batch: int
+
+
+@torch.no_grad()
+def held_out(n_seqs: int, seq_len: int, teacher, batch: int = 32) -> HeldOut:
+    """The first ``n_seqs`` full packed sequences of the demo validation split and the teacher's view of them."""
     stream = np.concatenate(_packed_docs("validation", n_seqs * seq_len))
     n = min(n_seqs, len(stream) // seq_len)
-    return torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len))
+    ids = torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len))
+    probs, plogp = [], 0.0
+    for a in range(0, n, batch):
+        log_p = F.log_softmax(teacher(input_ids=ids[a : a + batch]).logits[:, :-1].float(), -1)
+        probs.append(log_p.exp())
+        plogp += float((probs[-1] * log_p).sum())
+    return HeldOut(ids, probs, plogp, batch)
 
 
 def load_targets(cache, seqs: np.ndarray, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +162,21 @@ def load_targets(cache, seqs: np.ndarray, input_ids: torch.Tensor) -> tuple[torc
     ids, logprobs = np.stack(ids), np.stack(logprobs)
     used = (ids >= 0).any(axis=(0, 1))  # such slots change no loss term and only cost memory
     return torch.from_numpy(ids[..., used]), torch.from_numpy(logprobs[..., used])
+
+
+def cache_stats(cache, n_seqs: int, every: int = 10) -> dict[str, float | None]:
+    """Bytes/token of the whole cache; mean stored ids per position and (top-k only) mean teacher mass in them, over
+    every ``every``-th of its first ``n_seqs`` sequences. Sampled caches store counts, whose mass is 1 by design."""
+    ids, mass = [], []
+    for i in range(0, n_seqs, every):
+        t_ids, t_lp = cache.targets(i, 1.0)
+        ids.append((t_ids >= 0).sum(1))
+        mass.append(np.where(t_ids >= 0, np.exp(t_lp.astype(np.float64)), 0.0).sum(1))
+    return {
+        "bytes_per_token": cache.num_bytes / cache.num_tokens,
+        "ids_per_position": float(np.concatenate(ids).mean()),
+        "teacher_mass": float(np.concatenate(mass).mean()) if cache.targets_kind == "topk" else None,
+    }
 
 
 def load_teacher() -> LlamaForCausalLM:
@@ -224,23 +257,22 @@ def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
 
 
 @torch.no_grad()
-def evaluate(student, teacher, eval_ids: torch.Tensor, batch: int = 32) -> dict[str, float]:
+def evaluate(student, held: HeldOut) -> dict[str, float]:
     """Held-out CE (nats/token, against the true next tokens), KL(teacher ‖ student) and ECE (15 bins) at the
     same positions (every position but the last of each sequence)."""
-    ce_sum = kl_sum = 0.0
+    ce_sum, p_logq = 0.0, 0.0
     confidence, correct = [], []
-    for a in range(0, len(eval_ids), batch):
-        ids = eval_ids[a : a + batch]
+    for ids, p in zip(held.ids.split(held.batch), held.teacher_probs, strict=True):
         log_q = F.log_softmax(student(input_ids=ids).logits[:, :-1].float(), -1)
-        log_p = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1)
         labels = ids[:, 1:]
         ce_sum += float(-log_q.gather(-1, labels[..., None]).sum())
-        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        p_logq += float((p * log_q).sum())
         top_logq, top_id = log_q.max(-1)
         confidence.append(top_logq.exp().flatten().numpy())
         correct.append((top_id == labels).flatten().numpy())
-    n = eval_ids[:, 1:].numel()
-    return {"ce": ce_sum / n, "kl": kl_sum / n, "ece": ece(np.concatenate(confidence), np.concatenate(correct))}
+    n = held.ids[:, 1:].numel()
+    kl = (held.teacher_plogp - p_logq) / n
+    return {"ce": ce_sum / n, "kl": kl, "ece": ece(np.concatenate(confidence), np.concatenate(correct))}
 
 
 def flat_grad(run: Run, student, input_ids, teacher=None, targets=None) -> torch.Tensor:
