@@ -42,6 +42,13 @@ def _read_header(metadata: dict[bytes, bytes] | None) -> dict[str, np.ndarray]:
     return header
 
 
+def _value(column: pa.BinaryArray) -> np.ndarray:
+    """The one value of a binary column as a uint8 view of its data buffer (``column[0].as_buffer()`` copies)."""
+    _, offsets, data = column.buffers()
+    start, end = np.frombuffer(offsets, np.int32, 2, column.offset * 4)
+    return np.frombuffer(data, np.uint8, int(end - start), int(start)) if end > start else np.zeros(0, np.uint8)
+
+
 class ArrowShardWriter(ShardWriter):
     def __init__(self, fs, root, name, header, streams) -> None:
         super().__init__(fs, root, name)
@@ -85,8 +92,7 @@ class ArrowShardReader(ShardReader):
     def _read(self, index):
         batch = self._reader.get_batch(index)
         batch.validate(full=True)  # IPC reads are not validated: a damaged offset would crash the process
-        streams = {n: np.frombuffer(batch.column(n)[0].as_buffer(), np.uint8) for n in self._columns}
-        return streams, batch.column("crc32")[0].as_py()
+        return {n: _value(batch.column(n)) for n in self._columns}, batch.column("crc32")[0].as_py()
 
     def close(self) -> None:
         self._source.close()
