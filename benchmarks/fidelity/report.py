@@ -33,11 +33,13 @@ Metrics on {eval_tokens:,} held-out positions (the demo corpus's validation spli
 training nor by the students): **held-out CE** = mean −log q(true next token); **KL** = mean KL(teacher ‖ student)
 over the full vocabulary at the same positions; **ECE** = expected calibration error of the student's top-1
 prediction, 15 equal-width confidence bins; **gap closed** = (CE_ce − CE_run) / (CE_ce − CE_dense) × 100, computed
-within each seed (0 % = no better than hard labels, 100 % = as good as dense KD, negative = worse than hard labels);
-**bytes/token** = cache bytes on disk / tokens (`cache.num_bytes / cache.num_tokens`); **angle** = angle between the
-gradient of the run's loss and the dense-KD gradient w.r.t. all student parameters, on a fixed batch of
-{angle_seqs} cached sequences that no run trains on, at the seed's initial weights and at the dense-KD student's
-final weights.
+within each seed (0 % = no better than hard labels, 100 % = as good as dense KD, negative = worse than hard labels),
+and the same ratio of the seed-mean CEs; **CE − dense CE** = the run's held-out CE minus the dense-KD student's of
+the same seed; **bytes/token** = cache bytes on disk / tokens (`cache.num_bytes / cache.num_tokens`); **ids/position**
+and **teacher mass in ids** = mean stored ids per position and the teacher probability they hold (top-k; sampled
+caches store counts); **angle** = angle between the gradient of the run's loss and the dense-KD gradient w.r.t. all
+student parameters, on a fixed batch of {angle_seqs} cached sequences that no run trains on, at the seed's initial
+weights and at the dense-KD student's final weights.
 
 ## Results
 
@@ -68,7 +70,8 @@ def gap_closed(ce_only: float, dense: float, ce_run: float) -> float:
 
 
 def summarise(runs, per_seed: list[dict]) -> dict[str, dict]:
-    """Per run: mean and std over seeds of every metric, and of the gap closed (computed within each seed)."""
+    """Per run: mean and std over seeds of every metric, of the gap closed (computed within each seed) and of the
+    paired CE difference to dense KD; and the gap closed by the seed-mean CEs (steadier when a seed's gap is small)."""
     table = {}
     for run in runs:
         rows = [seed[run.name] for seed in per_seed]
@@ -81,17 +84,21 @@ def summarise(runs, per_seed: list[dict]) -> dict[str, dict]:
             for key in rows[0]
         }
         stats["gap"] = (float(np.mean(gaps)), float(np.std(gaps, ddof=1)) if len(gaps) > 1 else 0.0)
+        diffs = [seed[run.name]["ce"] - seed["dense"]["ce"] for seed in per_seed]
+        stats["minus_dense"] = (float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0)
+        means = [float(np.mean([seed[name]["ce"] for seed in per_seed])) for name in ("ce", "dense", run.name)]
+        stats["gap_of_means"] = gap_closed(*means)
         table[run.name] = stats
     return table
 
 
-def machine() -> str:
+def machine(threads: int) -> str:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         cpu = platform.processor() or "unknown CPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{cpu}, torch {torch.__version__} on {threads} thread(s), Python {platform.python_version()}"
 
 
 def _pm(stat: tuple[float, float], fmt: str, scale: float = 1.0) -> str:
@@ -101,44 +108,38 @@ def _pm(stat: tuple[float, float], fmt: str, scale: float = 1.0) -> str:
 
 def plot(path: Path, runs, table: dict, bytes_per_token: dict, dense_bytes: float) -> None:
     """Gap closed against bytes/token: one marker per cache run (error bars: std over seeds), dense KD at the cost
-    of storing its full logits in bf16."""
+    of storing its full logits in bf16. Left: every run; right: the band between hard labels and dense KD."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     styles = {"bucket": ("o", "tab:blue"), "renormalize": ("s", "tab:orange"), "sampled": ("^", "tab:green")}
-    seen = set()
-    for run in runs:
-        if run.loss != "cache":
-            continue
-        style = "sampled" if run.cache.startswith("sampled") else run.tail
-        mean, std = table[run.name]["gap"]
-        marker, color = styles[style]
-        label = {"bucket": "top-k, bucket tail", "renormalize": "top-k, renormalize", "sampled": "sampled"}[style]
-        ax.errorbar(
-            bytes_per_token[run.cache],
-            mean,
-            yerr=std,
-            fmt=marker,
-            color=color,
-            capsize=3,
-            label=None if style in seen else label,
-        )
-        seen.add(style)
-        ax.annotate(
-            run.cache, (bytes_per_token[run.cache], mean), textcoords="offset points", xytext=(5, 4), fontsize=8
-        )
-    mean, std = table["dense"]["gap"]
-    ax.errorbar(dense_bytes, mean, fmt="*", color="black", markersize=10, label="dense KD (full logits, bf16)")
-    ax.axhline(100, color="black", lw=0.6, ls="--")
-    ax.axhline(0, color="grey", lw=0.6, ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel("cache bytes per token (log scale)")
-    ax.set_ylabel("CE → dense-KD gap closed (%)")
-    ax.set_title("Students trained from softcache caches vs the live teacher")
-    ax.legend(fontsize=8, loc="lower right")
+    labels = {"bucket": "top-k, bucket tail", "renormalize": "top-k, renormalize", "sampled": "sampled"}
+    for ax in axes:
+        seen = set()
+        for run in runs:
+            if run.loss != "cache":
+                continue
+            style = "sampled" if run.cache.startswith("sampled") else run.tail
+            mean, std = table[run.name]["gap"]
+            x = bytes_per_token[run.cache]
+            marker, color = styles[style]
+            label = None if style in seen else labels[style]
+            ax.errorbar(x, mean, yerr=std, fmt=marker, color=color, capsize=3, label=label)
+            seen.add(style)
+            ax.annotate(run.cache, (x, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.plot(dense_bytes, 100, "*", color="black", markersize=10, label="dense KD (full logits, bf16)")
+        ax.axhline(100, color="black", lw=0.6, ls="--")
+        ax.axhline(0, color="grey", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("cache bytes per token (log scale)")
+    axes[0].set_ylabel("CE → dense-KD gap closed (%), mean ± std over seeds")
+    axes[0].set_title("all runs")
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[1].set_ylim(-60, 130)
+    axes[1].set_title("zoom: between hard labels (0 %) and dense KD (100 %)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -190,8 +191,9 @@ def write_results(out: Path, runs, caches, per_seed, stats: dict, vocab_size: in
     n = len(per_seed)
     rows = [
         "| run | bytes/token | ids/position | teacher mass in ids | held-out CE (nats) | KL(teacher‖student) "
-        "| ECE (%) | gap closed (%) | angle to dense grad, init (°) | angle, trained (°) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ECE (%) | gap closed (%) | gap closed, of mean CEs (%) | CE − dense CE, paired (nats) "
+        "| angle to dense grad, init (°) | angle, trained (°) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         t = table[run.name]
@@ -203,7 +205,8 @@ def write_results(out: Path, runs, caches, per_seed, stats: dict, vocab_size: in
             size = "— | — | —" if run.loss == "ce" else f"{dense_bytes:.0f} (live; bf16 logits) | {vocab_size} | 1"
         rows.append(
             f"| {run.name} | {size} | {_pm(t['ce'], '.4f')} | {_pm(t['kl'], '.4f')} | "
-            f"{_pm(t['ece'], '.2f', 100)} | {_pm(t['gap'], '.1f')} | {_pm(t['angle_init'], '.1f')} | "
+            f"{_pm(t['ece'], '.2f', 100)} | {_pm(t['gap'], '.1f')} | {t['gap_of_means']:.1f} | "
+            f"{_pm(t['minus_dense'], '.4f')} | {_pm(t['angle_init'], '.1f')} | "
             f"{_pm(t['angle_trained'], '.1f')} |"
         )
     ce_gap = [s["ce"]["ce"] - s["dense"]["ce"] for s in per_seed]
@@ -230,7 +233,7 @@ def write_results(out: Path, runs, caches, per_seed, stats: dict, vocab_size: in
         gap=_pm((np.mean(ce_gap), np.std(ce_gap, ddof=1) if n > 1 else 0.0), ".4f"),
         goals="\n".join(goals(table, runs, bytes_per_token)),
         command=info["command"],
-        machine=machine(),
+        machine=machine(info["threads"]),
         date=date,
         minutes=info["wall_seconds"] / 60,
         builds=builds,

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_tokens": int(n_seqs - setup.angle_seqs) * setup.seq_len,
         "eval_tokens": int(held.ids[:, 1:].numel()),
         "workdir": workdir,
+        "threads": args.threads,
         "quick": args.quick,
     }
     per_seed = []
