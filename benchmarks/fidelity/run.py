@@ -6,8 +6,8 @@ then train with hard CE, dense KD from the live teacher, and each cache under ea
 both tails are the same loss there, see RESULTS.md). Held-out CE, KL(teacher ‖ student), ECE, the share of the
 CE → dense-KD gap closed, bytes/token and gradient angles go to RESULTS.md (see report.py)::
 
-    .venv/bin/python benchmarks/fidelity/run.py                 # the full study (≤ 30 min on 2 CPU cores)
-    .venv/bin/python benchmarks/fidelity/run.py --quick --out /tmp/fidelity   # every code path, tiny, ~1 min
+    .venv/bin/python benchmarks/fidelity/run.py                 # the full study (26 min on the shared 2-core CPU)
+    .venv/bin/python benchmarks/fidelity/run.py --quick --out /tmp/fidelity   # every code path, tiny, 20-60 s
 """
 
 from __future__ import annotations
