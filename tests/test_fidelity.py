@@ -15,6 +15,7 @@ FIDELITY = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity"
 sys.path.insert(0, str(FIDELITY))
 
 import report  # noqa: E402
+import run as fidelity_run  # noqa: E402
 import study  # noqa: E402
 
 NUMBER = r"-?\d+(?:\.\d+)?"
@@ -60,12 +61,57 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert all(x >= y for x, y in zip(lrs[4:], lrs[5:], strict=False)) and lrs[-1] > 0.1
 
 
+def test_sharpened_teacher_logits_are_the_teachers_over_tau(tmp_path):
+    assert study.sharpened_teacher(str(tmp_path), 1.0) == str(study.demo.teacher_path())
+    tau = 0.55
+    teacher, sharp = study.load_teacher(), study.load_teacher(study.sharpened_teacher(str(tmp_path), tau))
+    ids = torch.from_numpy(np.random.default_rng(5).integers(0, teacher.config.vocab_size, (2, 19)))
+    with torch.no_grad():
+        expected = teacher(input_ids=ids).logits.double() / tau
+        got = sharp(input_ids=ids).logits.double()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_mixed_kd_losses_match_float64_references(tail):
+    """(1 − alpha)·CE + alpha·KD over the positions that have a next token, for dense KD and for a cache."""
+    vocab, length, k, alpha = 53, 11, 7, 0.3
+    student, teacher = study.make_student(vocab, length, 0), study.make_student(vocab, length, 1)
+    ids = torch.from_numpy(np.random.default_rng(2).integers(0, vocab, (3, length)))
+    teacher.lm_head.weight.data *= 4  # a peaked teacher, so that the tail terms matter
+    with torch.no_grad():
+        log_q = torch.log_softmax(student(input_ids=ids).logits.double(), -1)[:, :-1]
+        log_p = torch.log_softmax(teacher(input_ids=ids).logits.double(), -1)
+    ce = -log_q.gather(-1, ids[:, 1:, None]).mean()
+
+    dense_kd = (log_p[:, :-1].exp() * (log_p[:, :-1] - log_q)).sum(-1).mean()
+    got = study.run_loss(study.Run("dense", "dense"), student, ids, teacher, alpha=alpha)
+    assert float(got.detach()) == pytest.approx(float((1 - alpha) * ce + alpha * dense_kd), rel=1e-5)
+
+    top_lp, top_ids = log_p.topk(k, -1)
+    p_s, q_s = top_lp[:, :-1].exp(), log_q.gather(-1, top_ids[:, :-1]).exp()
+    if tail == "bucket":
+        p_tail, q_tail = 1 - p_s.sum(-1), 1 - q_s.sum(-1)
+        kd = (p_s * (p_s.log() - q_s.log())).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    else:
+        p_n = p_s / p_s.sum(-1, keepdim=True)  # against the student's full-vocabulary q (DESIGN.md)
+        kd = (p_n * (p_n.log() - q_s.log())).sum(-1)
+    targets = (top_ids.int(), top_lp.float())
+    got = study.run_loss(study.Run("c", "cache", "c", tail), student, ids, None, targets, alpha)
+    assert float(got.detach()) == pytest.approx(float((1 - alpha) * ce + alpha * kd.mean()), rel=1e-4)
+
+
+def _run(*args):
+    proc = subprocess.run(
+        [sys.executable, str(FIDELITY / "run.py"), *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_quick_run_end_to_end(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    cmd = [sys.executable, str(FIDELITY / "run.py"), "--quick", "--out", str(out), "--workdir", str(tmp_path / "work")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run("--quick", "--out", str(out), "--workdir", str(tmp_path / "work"))
 
     text = (out / "RESULTS.md").read_text()
     match = LAST_LINE.fullmatch(text.rstrip("\n").splitlines()[-1])
@@ -89,3 +135,48 @@ def test_quick_run_end_to_end(tmp_path):
     caches = results["caches"]
     assert caches["sampled50"]["bytes_per_token"] > 0 and caches["sampled50"]["teacher_mass"] is None
     assert 0 < caches["topk64"]["teacher_mass"] <= 1 + 1e-6 and caches["topk64"]["ids_per_position"] == 64
+
+
+def test_quick_regimes_end_to_end(tmp_path):
+    """--regimes: a sharpened teacher (its caches hold more of its mass) and alpha = 0.5, one table each; and the
+    study under --teacher-temperature and --alpha, which says so at the top of its RESULTS.md."""
+    pytest.importorskip("matplotlib")
+    out, work = tmp_path / "out", str(tmp_path / "work")
+    _run("--quick", "--regimes", "--out", str(out), "--workdir", work)
+    text = (out / "RESULTS_regimes.md").read_text()
+    sections = text.split("\n## ")[1:]
+    assert [s.split("\n")[0] for s in sections[:2]] == [r.title for r in fidelity_run.REGIMES]
+    for section, names in zip(sections, [("ce", "dense", "topk64_bucket", "topk64_renormalize", "sampled50"),
+                                         ("ce", "dense", "topk64_bucket")], strict=False):  # fmt: skip
+        rows = {
+            line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ") and "±" in line
+        }
+        assert tuple(rows) == names
+        for line in rows.values():
+            numbers = [float(x) for x in re.findall(NUMBER, line.split("|", 2)[2])]
+            assert len(numbers) >= 14 and all(math.isfinite(x) for x in numbers), line
+        assert rows["dense"].split("|")[-2].strip().startswith("100.0")  # KL gap closed by dense KD itself
+    confident, mixed = json.loads((out / "results_regimes.json").read_text())
+    assert confident["info"]["teacher_temperature"] == 0.55 and confident["info"]["setup"]["alpha"] == 1.0
+    assert mixed["info"]["teacher_temperature"] == 1.0 and mixed["info"]["setup"]["alpha"] == 0.5
+    assert confident["caches"]["topk64"]["teacher_mass"] > mixed["caches"]["topk64"]["teacher_mass"]
+    # a sharper teacher is further from every student than the flat one
+    assert confident["per_seed"][0]["ce"]["kl"] > mixed["per_seed"][0]["ce"]["kl"]
+
+    _run(
+        "--quick",
+        "--teacher-temperature",
+        "0.55",
+        "--alpha",
+        "0.5",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--workdir",
+        work,
+    )
+    text = (out / "RESULTS.md").read_text()
+    assert text.startswith("# Fidelity") and "**Regime: teacher logits / 0.55, alpha = 0.5**" in text
+    assert LAST_LINE.fullmatch(text.rstrip("\n").splitlines()[-1])
+    assert json.loads((out / "results.json").read_text())["info"]["setup"]["alpha"] == 0.5

@@ -8,21 +8,27 @@ CE → dense-KD gap closed, bytes/token and gradient angles go to RESULTS.md (se
 
     .venv/bin/python benchmarks/fidelity/run.py                 # the full study (26 min on the shared 2-core CPU)
     .venv/bin/python benchmarks/fidelity/run.py --quick --out /tmp/fidelity   # every code path, tiny, 20-60 s
+
+``--teacher-temperature`` and ``--alpha`` run the whole study in another regime (a sharpened teacher, hard-label
+mixing); ``--regimes`` runs the preset set ``REGIMES`` instead and writes RESULTS_regimes.md and
+results_regimes.json (one table per regime).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from report import write_results
+from report import write_regimes, write_results
 from study import (
     CacheSpec,
     Run,
@@ -36,6 +42,7 @@ from study import (
     load_targets,
     load_teacher,
     make_student,
+    sharpened_teacher,
     train,
 )
 
@@ -50,6 +57,41 @@ FULL_CACHES = [
 ]
 QUICK_CACHES = [CacheSpec("topk64", "topk", 64), CacheSpec("sampled50", "sampled", 50, samples=50)]
 TAILS = ("bucket", "renormalize")
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A teacher (the demo teacher's logits / ``teacher_temperature``), a KD mix ``alpha`` and the runs to train."""
+
+    title: str
+    teacher_temperature: float
+    alpha: float
+    runs: tuple[str, ...]
+
+
+REGIMES = [
+    Regime(
+        "Confident teacher (demo teacher's logits / 0.55), pure KD",
+        0.55,
+        1.0,
+        (
+            "ce",
+            "dense",
+            "topk4_bucket",
+            "topk16_bucket",
+            "topk64_bucket",
+            "topk64_renormalize",
+            "sampled12",
+            "sampled50",
+        ),
+    ),
+    Regime(
+        "Flat teacher (the demo teacher), alpha = 0.5: (1 − α)·CE + α·KD",
+        1.0,
+        0.5,
+        ("ce", "dense", "topk16_bucket", "topk64_bucket", "sampled12"),
+    ),
+]
 
 
 def plan_runs(caches: list[CacheSpec]) -> list[Run]:
@@ -94,18 +136,52 @@ def run_seed(seed, runs, caches, input_ids, held, teacher, setup, workdir) -> di
 
     batch = input_ids[angle_rows]
     for where, model in (("angle_init", initial), ("angle_trained", dense_student)):
-        dense = flat_grad(Run("dense", "dense"), model, batch, teacher)
+        dense = flat_grad(Run("dense", "dense"), model, batch, teacher, alpha=setup.alpha)
         for run in runs:
-            grad = flat_grad(run, model, batch, teacher, angle_targets.get(run.cache))
+            grad = flat_grad(run, model, batch, teacher, angle_targets.get(run.cache), setup.alpha)
             results[run.name][where] = angle_degrees(grad, dense)
         for spec in caches:
             if spec.targets == "sampled":
                 grads = [
-                    flat_grad(Run("", "cache", spec.name, t), model, batch, None, angle_targets[spec.name])
+                    flat_grad(Run("", "cache", spec.name, t), model, batch, None, angle_targets[spec.name], setup.alpha)
                     for t in TAILS
                 ]
                 results[spec.name][f"{where}_bucket_vs_renormalize"] = angle_degrees(*grads)
     return results
+
+
+def run_regime(regime: Regime, caches, setup: Setup, seeds: int, workdir: str, info: dict, write) -> None:
+    """Build the regime's caches from its teacher, train its runs for ``seeds`` seeds and call ``write(runs, caches,
+    per_seed, stats, vocab_size, info)`` after every seed, so that a run stopped early leaves its finished seeds."""
+    t0 = time.perf_counter()
+    runs = [run for run in plan_runs(caches) if run.name in regime.runs]
+    caches = [spec for spec in caches if any(run.cache == spec.name for run in runs)]
+    tau = regime.teacher_temperature
+    teacher_dir = sharpened_teacher(workdir, tau)
+    cache_dir = workdir if tau == 1.0 else f"{workdir}/t{tau:g}"
+    n_seqs = setup.steps * setup.batch + setup.angle_seqs
+    build_seconds = build_caches(caches, cache_dir, setup.seq_len, n_seqs, teacher_dir)
+    reference = softcache.open_cache(f"{cache_dir}/{caches[0].name}")
+    input_ids = torch.from_numpy(np.stack([reference[i]["input_ids"] for i in range(n_seqs)]))
+    teacher = load_teacher(teacher_dir)
+    held = held_out(setup.eval_seqs, setup.seq_len, teacher)
+    stats = {spec.name: cache_stats(softcache.open_cache(f"{cache_dir}/{spec.name}"), n_seqs) for spec in caches}
+    info = {
+        **info,
+        "title": regime.title,
+        "teacher_temperature": tau,
+        "setup": setup.__dict__,
+        "seeds": seeds,
+        "build_seconds": build_seconds,
+        "train_tokens": int(n_seqs - setup.angle_seqs) * setup.seq_len,
+        "eval_tokens": int(held.ids[:, 1:].numel()),
+        "workdir": cache_dir,
+    }
+    per_seed = []
+    for seed in range(seeds):
+        per_seed.append(run_seed(seed, runs, caches, input_ids, held, teacher, setup, cache_dir))
+        info["wall_seconds"] = time.perf_counter() - t0
+        write(runs, caches, per_seed, stats, teacher.config.vocab_size, info)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,7 +203,23 @@ def main(argv: list[str] | None = None) -> None:
         "OpenMP thread that gets descheduled stalls every op at the barrier, measured 2-15x slower per step)",
     )
     parser.add_argument("--eval-seqs", type=int, default=None, help="held-out sequences (default 256; quick 8)")
+    parser.add_argument(
+        "--teacher-temperature",
+        type=float,
+        default=1.0,
+        help="the teacher is the demo teacher with its logits divided by this (default 1; < 1 is sharper)",
+    )
+    parser.add_argument("--alpha", type=float, default=1.0, help="KD runs train on (1 − alpha)·CE + alpha·KD")
+    parser.add_argument(
+        "--regimes",
+        action="store_true",
+        help="run the preset regimes (REGIMES in run.py) into RESULTS_regimes.md instead of the study",
+    )
     args = parser.parse_args(argv)
+    if not 0 < args.alpha <= 1:
+        parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
+    if args.teacher_temperature <= 0:
+        parser.error(f"--teacher-temperature must be > 0, got {args.teacher_temperature}")
     quick = dict(seeds=1, steps=12, batch=4, seq_len=32, eval_seqs=8)
     full = dict(seeds=3, steps=120, batch=16, seq_len=128, eval_seqs=256)
     sizes = {
@@ -143,36 +235,34 @@ def main(argv: list[str] | None = None) -> None:
         angle_seqs=4 if args.quick else 16,
     )
     caches = QUICK_CACHES if args.quick else FULL_CACHES
-    runs = plan_runs(caches)
     torch.set_num_threads(args.threads)
 
-    t0 = time.perf_counter()
     workdir = args.workdir or tempfile.mkdtemp(prefix="softcache-fidelity-")
-    n_seqs = setup.steps * setup.batch + setup.angle_seqs
-    build_seconds = build_caches(caches, workdir, setup.seq_len, n_seqs)
-    reference = softcache.open_cache(f"{workdir}/{caches[0].name}")
-    input_ids = torch.from_numpy(np.stack([reference[i]["input_ids"] for i in range(n_seqs)]))
-    teacher = load_teacher()
-    held = held_out(setup.eval_seqs, setup.seq_len, teacher)
-    stats = {spec.name: cache_stats(softcache.open_cache(f"{workdir}/{spec.name}"), n_seqs) for spec in caches}
     info = {
         "command": shlex.join(["python", "benchmarks/fidelity/run.py", *(sys.argv[1:] if argv is None else argv)]),
-        "setup": setup.__dict__,
-        "seeds": sizes["seeds"],
-        "build_seconds": build_seconds,
-        "train_tokens": int(n_seqs - setup.angle_seqs) * setup.seq_len,
-        "eval_tokens": int(held.ids[:, 1:].numel()),
-        "workdir": workdir,
         "threads": args.threads,
         "quick": args.quick,
     }
-    per_seed = []
-    for seed in range(sizes["seeds"]):
-        per_seed.append(run_seed(seed, runs, caches, input_ids, held, teacher, setup, workdir))
-        # Written after every seed, so that a run stopped early still leaves its finished seeds (marked as such).
-        info["wall_seconds"] = time.perf_counter() - t0
-        path = write_results(Path(args.out), runs, caches, per_seed, stats, teacher.config.vocab_size, info)
-    print(f"wrote {path} in {info['wall_seconds']:.0f}s")
+    out = Path(args.out)
+    if args.regimes:
+        sections = []
+        for index, regime in enumerate(REGIMES):
+            write = functools.partial(write_section, out, sections, index)
+            run_regime(regime, caches, replace(setup, alpha=regime.alpha), sizes["seeds"], workdir, info, write)
+        path = out / "RESULTS_regimes.md"
+    else:
+        title = f"teacher logits / {args.teacher_temperature:g}, alpha = {args.alpha:g}"
+        regime = Regime(title, args.teacher_temperature, args.alpha, tuple(run.name for run in plan_runs(caches)))
+        write = functools.partial(write_results, out)
+        run_regime(regime, caches, replace(setup, alpha=args.alpha), sizes["seeds"], workdir, info, write)
+        path = out / "RESULTS.md"
+    print(f"wrote {path}")
+
+
+def write_section(out: Path, sections: list, index: int, *section) -> Path:
+    """Set regime ``index``'s results in ``sections`` to ``section`` and rewrite RESULTS_regimes.md."""
+    sections[index:] = [section]
+    return write_regimes(out, sections)
 
 
 if __name__ == "__main__":

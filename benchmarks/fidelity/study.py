@@ -7,11 +7,14 @@ sequences in the same order (input ids read back from the reference cache). Runs
 * ``dense``: KL(teacher ‖ student) over the full vocabulary from the live teacher's logits (T = 1);
 * ``<cache>_<tail>``: ``softcache.kernels.sparse_kl_loss`` against that cache's targets (T = 1).
 
-KD runs are pure KD (alpha = 1, no hard-label term), as in Anshumann et al. 2025.
+KD runs are pure KD (``Setup.alpha`` = 1, no hard-label term) by default, as in Anshumann et al. 2025; with
+alpha < 1 each is ``(1 − alpha)·CE + alpha·KD`` over the positions that have a next token. The teacher is the demo
+teacher, or (``sharpened_teacher``) the demo teacher with its logits divided by a temperature below 1.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -59,10 +62,41 @@ class Setup:
     eval_seqs: int
     angle_seqs: int = 16
     warmup_frac: float = 0.1
+    alpha: float = 1.0
 
 
-def build_caches(specs: list[CacheSpec], workdir: str, seq_len: int, n_seqs: int) -> dict[str, float | None]:
-    """Build each cache over the first documents of the demo train split that fill ``n_seqs`` packed sequences.
+def sharpened_teacher(workdir: str, temperature: float) -> str:
+    """A model folder whose logits are the demo teacher's divided by ``temperature`` (the demo teacher's own folder
+    for 1): the same weights, with the tied output layer untied and scaled by 1 / ``temperature``."""
+    import shutil
+    from pathlib import Path
+
+    source = demo.teacher_path()
+    if temperature == 1.0:
+        return str(source)
+    if not 0 < temperature:
+        raise ValueError(f"--teacher-temperature must be > 0, got {temperature}")
+    out = Path(workdir) / f"teacher-t{temperature:g}"
+    if (out / "model.safetensors").exists():
+        return str(out)
+    teacher = load_teacher()
+    config = copy.deepcopy(teacher.config)
+    config.tie_word_embeddings = False
+    state = {name: value.clone() for name, value in teacher.state_dict().items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] / temperature
+    sharp = LlamaForCausalLM(config)
+    sharp.load_state_dict(state)
+    sharp.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, out / name)
+    return str(out)
+
+
+def build_caches(
+    specs: list[CacheSpec], workdir: str, seq_len: int, n_seqs: int, teacher_dir: str
+) -> dict[str, float | None]:
+    """Build each cache from the teacher in ``teacher_dir`` over the first documents of the demo train split that
+    fill ``n_seqs`` packed sequences.
 
     A cache already complete in ``workdir`` with the same build is reused (``softcache.teacher.build`` is
     resumable and refuses a different build). Returns the seconds each build took (None: reused).
@@ -74,7 +108,7 @@ def build_caches(specs: list[CacheSpec], workdir: str, seq_len: int, n_seqs: int
     for spec in specs:
         t0 = time.perf_counter()
         result = build(
-            str(demo.teacher_path()),
+            teacher_dir,
             str(demo.corpus_path("train")),
             f"{workdir}/{spec.name}",
             k=spec.k,
@@ -179,8 +213,9 @@ def cache_stats(cache, n_seqs: int, every: int = 10) -> dict[str, float | None]:
     }
 
 
-def load_teacher() -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(str(demo.teacher_path())).eval()
+def load_teacher(path: str | None = None) -> LlamaForCausalLM:
+    """The model in ``path`` (default: the demo teacher), in eval mode."""
+    return LlamaForCausalLM.from_pretrained(path or str(demo.teacher_path())).eval()
 
 
 def make_student(vocab_size: int, seq_len: int, seed: int) -> LlamaForCausalLM:
@@ -208,17 +243,24 @@ def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
-def run_loss(run: Run, student, input_ids, teacher=None, targets=None) -> torch.Tensor:
-    """The training loss of ``run`` on one batch; soft targets at position t are for the token at t+1 (no shift)."""
+def run_loss(run: Run, student, input_ids, teacher=None, targets=None, alpha: float = 1.0) -> torch.Tensor:
+    """The training loss of ``run`` on one batch; soft targets at position t are for the token at t+1 (no shift).
+
+    With ``alpha`` < 1 a KD run's loss is ``(1 − alpha)·CE + alpha·KD``, both over every position but the last
+    (which has no next token); with alpha = 1 the KD term covers every position."""
     logits = student(input_ids=input_ids).logits
     if run.loss == "ce":
         return next_token_ce(logits, input_ids)
     if run.loss == "dense":
         with torch.no_grad():
             teacher_logits = teacher(input_ids=input_ids).logits
-        return dense_kl(logits, teacher_logits)
+        if alpha == 1.0:
+            return dense_kl(logits, teacher_logits)
+        kd = dense_kl(logits[:, :-1], teacher_logits[:, :-1])
+        return (1 - alpha) * next_token_ce(logits, input_ids) + alpha * kd
     target_ids, target_logprobs = targets
-    return sparse_kl_loss(logits, target_ids.long(), target_logprobs, tail=run.tail, temperature=1.0)
+    options = {} if alpha == 1.0 else dict(labels=F.pad(input_ids[:, 1:], (0, 1), value=-100), alpha=alpha)
+    return sparse_kl_loss(logits, target_ids.long(), target_logprobs, tail=run.tail, temperature=1.0, **options)
 
 
 def lr_at(step: int, setup: Setup) -> float:
@@ -239,7 +281,7 @@ def train(run: Run, student, order: np.ndarray, input_ids, setup: Setup, teacher
         batch_targets = None if targets is None else (targets[0][rows], targets[1][rows])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, setup)
-        loss = run_loss(run, student, input_ids[rows], teacher, batch_targets)
+        loss = run_loss(run, student, input_ids[rows], teacher, batch_targets, setup.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -275,10 +317,10 @@ def evaluate(student, held: HeldOut) -> dict[str, float]:
     return {"ce": ce_sum / n, "kl": kl, "ece": ece(np.concatenate(confidence), np.concatenate(correct))}
 
 
-def flat_grad(run: Run, student, input_ids, teacher=None, targets=None) -> torch.Tensor:
+def flat_grad(run: Run, student, input_ids, teacher=None, targets=None, alpha: float = 1.0) -> torch.Tensor:
     """The gradient of ``run``'s loss on one batch w.r.t. all student parameters, flattened."""
     student.zero_grad(set_to_none=True)
-    run_loss(run, student, input_ids, teacher, targets).backward()
+    run_loss(run, student, input_ids, teacher, targets, alpha).backward()
     grad = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
     student.zero_grad(set_to_none=True)
     return grad
