@@ -311,7 +311,7 @@ def write_results(out: Path, runs, caches, per_seed, stats: dict, vocab_size: in
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     regime_note = (
         ""
-        if info["teacher_temperature"] == 1.0 and setup["alpha"] == 1.0
+        if info.get("teacher_temperature", 1.0) == 1.0 and setup.get("alpha", 1.0) == 1.0
         else f"**Regime: {info['title']}** (the teacher and the KD loss below are those of this regime).\n\n"
     )
     builds = ", ".join(f"{k} {'reused' if v is None else f'{v:.0f}s'}" for k, v in info["build_seconds"].items())
