@@ -81,13 +81,21 @@ class Cache:
         col = self.temperature_index(temperature)
         if self.targets_kind == "sampled":
             return rec["target_ids"], rec["target_logprobs"]
-        lp = rec["target_logprobs"] / np.float32(temperature) - rec["lognorm"][:, col : col + 1]
-        return rec["target_ids"], np.where(rec["target_ids"] >= 0, lp, np.float32(0)).astype(np.float32)
+        ids = rec["target_ids"]
+        return ids, tempered(ids, rec["target_logprobs"], rec["lognorm"][:, col], temperature)
 
-    def temperature_index(self, temperature: float) -> int:
+    def captured_column(self, temperature: float) -> int | None:
+        """The column of ``lognorm`` for ``temperature``, or None when it was not captured."""
         for col, t in enumerate(self.temperatures):
             if abs(t - float(temperature)) <= 1e-6 * t:
                 return col
+        return None
+
+    def temperature_index(self, temperature: float) -> int:
+        """:meth:`captured_column`, with a clear error when the temperature was not captured."""
+        col = self.captured_column(temperature)
+        if col is not None:
+            return col
         what = "samples were drawn at" if self.targets_kind == "sampled" else "captured temperatures are"
         raise ValueError(
             f"temperature {temperature} was not captured in {self.url}; its {what} {self.temperatures}. "
@@ -181,6 +189,17 @@ class Cache:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tempered(target_ids: np.ndarray, target_logprobs: np.ndarray, lognorm: np.ndarray, temperature: float):
+    """Exact teacher log-probs at a captured ``temperature``: ``lp/τ − n_τ`` (L, k) float32, 0 at padding (id −1).
+
+    ``target_logprobs`` are the stored T=1 log-probs (L, k), ``lognorm`` the (L,) column of ``n_τ``; a new array.
+    """
+    out = target_logprobs / np.float32(temperature)
+    out -= lognorm[:, None]
+    out[target_ids < 0] = 0
+    return out
 
 
 def decode_batch(streams: dict, n_seqs: int, cache: Cache, order: codec.IdOrder) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..reader import Cache, open_cache
+from ..reader import Cache, open_cache, tempered
 from .checks import check_student
 
 
@@ -33,16 +33,16 @@ class Tempering:
         self.temperature = temperature
         self.column: int | None = None
         self.retemper = False
-        captured = any(abs(t - temperature) <= 1e-6 * t for t in cache.temperatures)
+        captured = cache.captured_column(temperature)
         if cache.targets_kind == "sampled":
-            if not captured:
+            if captured is None:
                 raise ValueError(
                     f"temperature={temperature}: the sampled cache {cache.url} was drawn at temperature "
                     f"{cache.temperatures[0]} and can only be used there (retemper does not apply to samples); "
                     f"use temperature={cache.temperatures[0]}, or rebuild the cache with --temperatures {temperature}"
                 )
-        elif captured:
-            self.column = cache.temperature_index(temperature)
+        elif captured is not None:
+            self.column = captured
         elif retemper:
             self.retemper = True
         else:
@@ -55,18 +55,16 @@ class Tempering:
 
     def __call__(self, target_ids: np.ndarray, target_logprobs: np.ndarray, lognorm: np.ndarray) -> np.ndarray:
         """Log-probs (L, k) float32 at the temperature, 0 at padding (id −1); a new array."""
-        pad = target_ids < 0
         if self.column is not None:
-            out = target_logprobs / np.float32(self.temperature)
-            out -= lognorm[:, self.column, None]
-        elif self.retemper:
-            scaled = np.where(pad, -np.inf, target_logprobs / np.float32(self.temperature))
-            top = np.max(scaled, axis=1, keepdims=True)
-            top[~np.isfinite(top)] = 0
-            with np.errstate(divide="ignore"):
-                out = scaled - top - np.log(np.exp(scaled - top).sum(1, keepdims=True))
-        else:
+            return tempered(target_ids, target_logprobs, lognorm[:, self.column], self.temperature)
+        if not self.retemper:
             return target_logprobs.copy()
+        pad = target_ids < 0
+        scaled = np.where(pad, -np.inf, target_logprobs / np.float32(self.temperature))
+        top = np.max(scaled, axis=1, keepdims=True)
+        top[~np.isfinite(top)] = 0
+        with np.errstate(divide="ignore"):
+            out = scaled - top - np.log(np.exp(scaled - top).sum(1, keepdims=True))
         out[pad] = 0
         return out
 
