@@ -77,16 +77,6 @@ def _source(dataset):
     return _decoder(dataset) or dataset
 
 
-def _dataset_temperature(datasets) -> float | None:
-    temperatures = {float(ds.temperature) for ds in datasets if getattr(ds, "temperature", None) is not None}
-    if len(temperatures) > 1:
-        raise ValueError(
-            f"the train and eval datasets have different temperatures {sorted(temperatures)}; their targets must be "
-            "at the loss temperature, so build them with the same temperature="
-        )
-    return temperatures.pop() if temperatures else None
-
-
 class DistillationMixin:
     """The distillation loss for a ``transformers.Trainer`` subclass: ``class X(DistillationMixin, SomeTrainer)``.
 
@@ -112,33 +102,14 @@ class DistillationMixin:
             )
         evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
         datasets = [_source(ds) for ds in (self.train_dataset, *evals) if ds is not None]
-        own = _dataset_temperature(datasets)
-        if temperature is not None and own is not None and abs(float(temperature) - own) > 1e-6 * own:
-            raise ValueError(
-                f"temperature={temperature} but the dataset's targets are at temperature {own}; the dataset tempers "
-                f"them, so build it with SoftTargetDataset(..., temperature={temperature}) or leave temperature unset"
-            )
-        temperature = float(temperature if temperature is not None else own if own is not None else 1.0)
-        vocab_size = self._check_student(datasets, vocab_size)
-        self.distillation = DistillationLoss(temperature=temperature, alpha=alpha, kind=kind, tail=tail, beta=beta,
-                                             fused=fused, vocab_size=vocab_size)  # fmt: skip
+        self.distillation = DistillationLoss.for_datasets(
+            self.accelerator.unwrap_model(self.model), datasets, temperature=temperature, vocab_size=vocab_size,
+            alpha=alpha, kind=kind, tail=tail, beta=beta, fused=fused,
+        )  # fmt: skip
         # compute_loss normalises by num_items_in_batch, so the Trainer must pass it and not rescale the loss.
         self.model_accepts_loss_kwargs = True
         self._terms: dict[str, torch.Tensor] = {}
         self._terms_since_step = 0
-
-    def _check_student(self, datasets, vocab_size):
-        model = self.accelerator.unwrap_model(self.model)
-        for ds in datasets:
-            if callable(getattr(ds, "check_student", None)):
-                extra = ds.check_student(model)
-                if vocab_size is not None and int(vocab_size) != ds.vocab_size:
-                    raise ValueError(
-                        f"vocab_size={vocab_size} but the dataset's cache has vocab_size={ds.vocab_size}; leave "
-                        "vocab_size unset, the dataset gives it"
-                    )
-                vocab_size = ds.vocab_size if extra else None
-        return vocab_size
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -43,18 +43,8 @@ class DistillationModule(L.LightningModule):
                  beta=0.5, fused="auto", learning_rate=1e-3, weight_decay=0.0):  # fmt: skip
         super().__init__()
         self.model = model
-        own = getattr(dataset, "temperature", None)
-        if temperature is not None and own is not None and abs(float(temperature) - own) > 1e-6 * own:
-            raise ValueError(
-                f"temperature={temperature} but the dataset's targets are at temperature {own}; build it with "
-                f"SoftTargetDataset(..., temperature={temperature}) or leave temperature unset"
-            )
-        vocab_size = None
-        if dataset is not None and dataset.check_student(model):
-            vocab_size = dataset.vocab_size
-        temperature = float(temperature if temperature is not None else own if own is not None else 1.0)
-        self.distillation = DistillationLoss(temperature=temperature, alpha=alpha, kind=kind, tail=tail, beta=beta,
-                                             fused=fused, vocab_size=vocab_size)  # fmt: skip
+        self.distillation = DistillationLoss.for_datasets(model, [dataset], temperature=temperature, alpha=alpha,
+                                                          kind=kind, tail=tail, beta=beta, fused=fused)  # fmt: skip
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
 

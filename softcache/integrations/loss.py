@@ -58,6 +58,41 @@ class DistillationLoss:
         if self.fused not in (True, False, "auto"):
             raise ValueError(f"fused must be True, False or 'auto', got {self.fused!r}")
 
+    @classmethod
+    def for_datasets(cls, model, datasets, *, temperature=None, vocab_size=None, **options) -> DistillationLoss:
+        """The loss for training ``model`` on ``datasets`` (train and eval; ``None`` entries are skipped).
+
+        The temperature is the datasets' (they temper the targets): ``temperature`` given and different is a
+        ValueError, and so are datasets at different temperatures; without either it is 1.0. Datasets with
+        ``check_student`` (SoftTargetDataset, the ``Cache.to_hf_dataset`` decoder) check ``model``'s vocabulary;
+        a student padded larger gets ``vocab_size`` = the cache's, so its extra logits are left out. ``vocab_size``
+        given: the cache's size, for datasets that cannot tell it; it must agree with theirs.
+        """
+        datasets = [ds for ds in datasets if ds is not None]
+        own = {float(ds.temperature) for ds in datasets if getattr(ds, "temperature", None) is not None}
+        if len(own) > 1:
+            raise ValueError(
+                f"the train and eval datasets have different temperatures {sorted(own)}; their targets must be at "
+                "the loss temperature, so build them with the same temperature="
+            )
+        own = own.pop() if own else None
+        if temperature is not None and own is not None and abs(float(temperature) - own) > 1e-6 * own:
+            raise ValueError(
+                f"temperature={temperature} but the dataset's targets are at temperature {own}; the dataset tempers "
+                f"them, so build it with SoftTargetDataset(..., temperature={temperature}) or leave temperature unset"
+            )
+        temperature = float(temperature if temperature is not None else own if own is not None else 1.0)
+        for ds in datasets:
+            if callable(getattr(ds, "check_student", None)):
+                extra = ds.check_student(model)
+                if vocab_size is not None and int(vocab_size) != ds.vocab_size:
+                    raise ValueError(
+                        f"vocab_size={vocab_size} but the dataset's cache has vocab_size={ds.vocab_size}; leave "
+                        "vocab_size unset, the dataset gives it"
+                    )
+                vocab_size = ds.vocab_size if extra else None
+        return cls(temperature=temperature, vocab_size=vocab_size, **options)
+
     def shifted_labels(self, batch) -> torch.Tensor | None:
         """The label each position predicts (labels[t + 1]), or None when the batch has no labels."""
         labels = batch.get("labels")
