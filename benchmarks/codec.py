@@ -2,7 +2,7 @@
 
 Prints ONE markdown table (every row measured in the same run) followed by the goal lines of issue 2.
 
-Teacher data (synthetic, generated in float64 in row chunks; data prep is not timed):
+Teacher data (synthetic, ``bench_common.make_data``, generated in float64 in row chunks; data prep is not timed):
 
 * ``gauss``: logits z ~ N(0, σ²) i.i.d. per position and id, σ = 2. Ids are uniform, so they are
   incompressible: the worst case for an id coder. The top-k is not degenerate (at V=128k the top-1
@@ -58,84 +58,13 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bench_common import SAMPLES, TEMPS, make_data, markdown_table, rate
 
 from softcache import CacheWriter, codec, open_cache
 
-SIGMA = 2.0
-TEMPS = (1.0, 2.0)
-SAMPLES = 50
 SEQ_LEN = 1024
 BATCH_TOKENS = 4096
 SHARD_TOKENS = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------------
-# Data prep (float64, chunked, not timed)
-
-
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    m = z.max(1)
-    return m + np.log(np.exp(z - m[:, None]).sum(1))
-
-
-class Zipf:
-    def __init__(self, vocab: int, rng: np.random.Generator) -> None:
-        perm = rng.permutation(vocab)
-        self.logprior = np.empty(vocab)
-        self.logprior[perm] = -1.1 * np.log(np.arange(1, vocab + 1))
-        prior = np.exp(self.logprior)
-        self.cdf = np.cumsum(prior / prior.sum())
-
-    def logits(self, rows: int, rng: np.random.Generator) -> np.ndarray:
-        vocab = self.logprior.size
-        z = self.logprior[None, :] + rng.standard_normal((rows, vocab))
-        ctx = np.minimum(np.searchsorted(self.cdf, rng.random((rows, 16))), vocab - 1)
-        np.add.at(z, (np.arange(rows)[:, None], ctx), rng.uniform(0.0, 6.0, (rows, 16)))
-        z *= np.exp(rng.uniform(math.log(0.65), math.log(1.2), (rows, 1)))
-        return z
-
-
-def make_data(dist: str, vocab: int, n_pos: int, kmax: int, seed: int) -> dict:
-    """Exact top-``kmax`` (sorted), n_τ, and N=50 sampled ids/counts for ``n_pos`` positions."""
-    rng = np.random.default_rng(seed)
-    zipf = Zipf(vocab, rng) if dist == "zipf" else None
-    chunk = max(1, (1 << 23) // vocab)
-    ids, lps, norms, s_ids, s_cnt = [], [], [], [], []
-    for start in range(0, n_pos, chunk):
-        rows = min(chunk, n_pos - start)
-        z = SIGMA * rng.standard_normal((rows, vocab)) if zipf is None else zipf.logits(rows, rng)
-        lse = _logsumexp(z)
-        norms.append(np.stack([_logsumexp(z / t) - lse / t for t in TEMPS], 1))
-        top = np.argpartition(-z, kmax - 1, axis=1)[:, :kmax]
-        zt = np.take_along_axis(z, top, 1)
-        o = np.argsort(-zt, axis=1, kind="stable")
-        ids.append(np.take_along_axis(top, o, 1))
-        lps.append(np.take_along_axis(zt, o, 1) - lse[:, None])
-        # N draws with replacement at T=1: inverse CDF, one flat searchsorted with per-row offsets
-        cdf = np.cumsum(np.exp(z - lse[:, None]), 1)
-        cdf /= cdf[:, -1:]
-        off = 2.0 * np.arange(rows)[:, None]
-        draws = np.searchsorted((cdf + off).ravel(), (rng.random((rows, SAMPLES)) + off).ravel())
-        draws = np.minimum(draws.reshape(rows, SAMPLES) - vocab * np.arange(rows)[:, None], vocab - 1)
-        for row in draws:
-            u, c = np.unique(row, return_counts=True)
-            o = np.argsort(-c, kind="stable")
-            s_ids.append(u[o])
-            s_cnt.append(c[o])
-    width = max(len(u) for u in s_ids)
-    sid = np.full((n_pos, width), -1, np.int64)
-    scnt = np.zeros((n_pos, width), np.int64)
-    for i, (u, c) in enumerate(zip(s_ids, s_cnt, strict=True)):
-        sid[i, : len(u)] = u
-        scnt[i, : len(c)] = c
-    return {
-        "ids": np.concatenate(ids),
-        "lp": np.concatenate(lps),
-        "lognorm": np.concatenate(norms),
-        "s_ids": sid,
-        "s_cnt": scnt,
-        "input_ids": rng.integers(0, vocab, n_pos),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,14 +279,6 @@ def peers(kind: str, vocab: int, k: int, data: dict) -> dict:
 # Table
 
 
-def _num(x: float) -> str:
-    if x >= 1e6:
-        return f"{x / 1e6:.2f}M"
-    if x >= 1e3:
-        return f"{x / 1e3:.0f}k"
-    return f"{x:.3g}"
-
-
 HEADER = [
     "dist", "V", "k", "target", "L", "ent/pos", "B/tok", "B/entry", "shard B/tok @L",
     "lp err mean", "lp err max", "tail err T=2 max", "write tok/s", "read tok/s", "open ms",
@@ -380,9 +301,9 @@ def row(dist: str, vocab: int, k: int, kind: str, n_pos: int, sc: dict, sp: dict
         f"{per_tok:.1f}", f"{per_tok / ent:.3f}", f"{sc['shard_bytes'] / n_pos:.1f}",
         "exact" if exact else f"{sc['err_mean']:.4f}", "exact" if exact else f"{sc['err_max']:.4f}",
         "—" if exact else f"{sc['tail_err']:.1e}",
-        _num(sc["write_tps"]), _num(sc["read_tps"]), f"{sc['open_ms']:.1f}",
-        _num(sp["codec_enc_tps"]), _num(sp["codec_dec_tps"]),
-        peer("naive"), peer("naive_pq"), _num(pe["naive_pq_read_tps"]), peer("dk"), peer("dk_pq"),
+        rate(sc["write_tps"]), rate(sc["read_tps"]), f"{sc['open_ms']:.1f}",
+        rate(sp["codec_enc_tps"]), rate(sp["codec_dec_tps"]),
+        peer("naive"), peer("naive_pq"), rate(pe["naive_pq_read_tps"]), peer("dk"), peer("dk_pq"),
         "exact" if exact else f"{pe['dk_err_mean']:.4f} / {pe['dk_err_max']:.4f}",
         "—" if exact else f"{pe['dk_tail']:.3f}",
     ]  # fmt: skip
@@ -438,10 +359,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print()
-    print("| " + " | ".join(HEADER) + " |")
-    print("|" + "|".join("---" for _ in HEADER) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print(markdown_table(HEADER, rows))
     print()
     if ("gauss", 50257) in goals:
         sc, _, n_pos = goals[("gauss", 50257)]
@@ -451,8 +369,8 @@ def main() -> None:
     worst_codec = min(d[1] for d in dec)
     worst_read = min(d[2] for d in dec)
     print(
-        f"Goal decode ≥ 2M tokens/s/core at k=64: codec+zstd min {_num(worst_codec)} "
-        f"({'PASS' if worst_codec >= 2e6 else 'FAIL'}), through the reader min {_num(worst_read)} "
+        f"Goal decode ≥ 2M tokens/s/core at k=64: codec+zstd min {rate(worst_codec)} "
+        f"({'PASS' if worst_codec >= 2e6 else 'FAIL'}), through the reader min {rate(worst_read)} "
         f"({'PASS' if worst_read >= 2e6 else 'FAIL'}) over {len(dec)} k=64 rows"
     )
     print(f"(total {time.perf_counter() - t_start:.0f}s)")

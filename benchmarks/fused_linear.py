@@ -5,7 +5,7 @@ Every peer starts from the same bf16 hidden states (N, H) and output layer (V, H
   fused-skip      the same with grad_skip_eps = 2**-12 (Cut Cross-Entropy's bf16 filter); its gradient error
                   relative to 'fused' (normwise, dH and dW) is printed below the table
   materialised    logits = h @ W.T, then softcache.kernels.sparse_kl_loss
-  eager           logits = h @ W.T, then the same loss in plain PyTorch (benchmarks/kernels.py: eager_loss)
+  eager           logits = h @ W.T, then the same loss in plain PyTorch (benchmarks/bench_common.py: eager_loss)
   liger-fl-jsd    Liger-Kernel's LigerFusedLinearJSD fed a dense teacher (teacher hidden states and a teacher output
                   layer of the same size; a different loss, and it also does the teacher's matmul)
 Loss: forward_kl, bucket tail, T^2, mean over rows (and the cross-entropy when --alpha < 1).
@@ -22,18 +22,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
+from bench_common import Timer, cpu_name, eager_loss
 from softcache.kernels import fused_linear_sparse_kl_loss, sparse_kl_loss
-
-_spec = importlib.util.spec_from_file_location("softcache_bench_kernels", Path(__file__).with_name("kernels.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)  # Timer, eager_loss, cpu_name, copy_bandwidth: shared with the logits benchmark
 
 
 def make_inputs(n, hidden, vocab, k, device, seed=0):
@@ -61,7 +56,7 @@ def build_peers(args, device):
         return sparse_kl_loss(h @ w.T, ids, lps, labels=labels if alpha < 1 else None, **opts)
 
     def eager(h, w, ids, lps, labels, teacher):
-        loss = bench.eager_loss(h @ w.T, ids, lps, t)
+        loss = eager_loss(h @ w.T, ids, lps, t)
         if alpha < 1:
             loss = alpha * loss + (1 - alpha) * torch.nn.functional.cross_entropy((h @ w.T).float(), labels)
         return loss
@@ -117,11 +112,11 @@ def main(argv=None):
     if args.tiny:
         args.n, args.h, args.v, args.k, args.warmup, args.reps = 64, 64, 1000, 16, 1, 3
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    timer = bench.Timer(device)
+    timer = Timer(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
     else:
-        name = f"CPU: {bench.cpu_name()}, {torch.get_num_threads()} threads"
+        name = f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
     print(f"# softcache fused-linear benchmark  {datetime.date.today()}  {name}")
     print(f"# torch {torch.__version__}  command: python {' '.join(sys.argv)}")
     if args.tiny:

@@ -20,37 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import platform
-import statistics
 import sys
 import time
 
 import torch
+from bench_common import Timer, cpu_name, eager_loss
 from softcache.kernels import sparse_kl_loss
-
-LOG_EPS = math.log(1e-12)
-
-
-def eager_loss(logits, ids, lps, temperature):
-    """forward_kl with the bucket tail, mean over rows, times T^2: the loss softcache computes, in plain PyTorch."""
-    logq = torch.log_softmax(logits.float() / temperature, dim=-1)
-    valid = ids >= 0
-    lq = logq.gather(-1, ids.clamp_min(0).long())
-    lq = torch.where(valid, lq, torch.full_like(lq, -math.inf))
-    p = torch.where(valid, lps.exp(), torch.zeros_like(lps))
-    p_t = (1 - p.sum(-1)).clamp_min(0)
-    q_t = (-torch.expm1(torch.logsumexp(lq, -1))).clamp_min(0)
-    kl = (p * (lps.clamp_min(LOG_EPS) - lq.clamp_min(LOG_EPS))).sum(-1)
-    kl = kl + p_t * (p_t.clamp_min(1e-12).log() - q_t.clamp_min(1e-12).log())
-    return kl.mean() * temperature**2
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def make_inputs(n, vocab, k, device, seed=0):
@@ -66,41 +41,6 @@ def dense_teacher(ids, lps, vocab):
     probs = torch.full((n, vocab), 0.1 / max(vocab - k, 1), device=ids.device)
     probs.scatter_(1, ids.long(), lps.exp())
     return probs
-
-
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def measure(self, fn, warmup, reps):
-        """Median milliseconds of fn() and the peak memory it allocated beyond what existed before (MiB)."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        base = 0
-        if self.cuda:
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if self.cuda else float("nan")
-        return statistics.median(times), peak
 
 
 def copy_bandwidth(device, timer, nbytes):

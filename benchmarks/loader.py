@@ -3,7 +3,7 @@
 Prints ONE table, every row measured in the same run, with the ratio to the naive loader at the same
 number of DataLoader workers.
 
-Data: the codec benchmark's synthetic LM (``benchmarks/codec.py``, ``zipf``: Zipf(1.1) prior + noise +
+Data: the codec benchmark's synthetic LM (``benchmarks/bench_common.py``, ``zipf``: Zipf(1.1) prior + noise +
 context boosts, V=32000), exact top-64 with normalisers at T ∈ {1, 2}. Generating float64 logits for
 every position would take minutes, so a pool of ``--pool`` positions is generated and the cache's
 ``--tokens`` positions are drawn from it at random (each position keeps its own targets; decode cost
@@ -36,21 +36,18 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+from bench_common import cpu_name, make_data, markdown_table
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from codec import make_data  # noqa: E402  (benchmarks/codec.py: the shared synthetic teacher)
-
-import softcache  # noqa: E402
-from softcache import CacheWriter, SoftTargetDataset, StreamingSoftTargetDataset  # noqa: E402
-from softcache.data import BatchGroupedSampler  # noqa: E402
+import softcache
+from softcache import CacheWriter, SoftTargetDataset, StreamingSoftTargetDataset
+from softcache.data import BatchGroupedSampler
 
 VOCAB, K, TEMPS, T, SEQ_LEN, BATCH = 32000, 64, (1.0, 2.0), 2.0, 1024, 8
 
@@ -205,19 +202,20 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    print(f"# {time.strftime('%Y-%m-%d')}  CPU: {model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}"
+    print(f"# {time.strftime('%Y-%m-%d')}  CPU: {cpu_name()}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.2f}"
           f"  python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}")  # fmt: skip
     print(f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"# DataLoader(batch_size={BATCH} sequences of {SEQ_LEN} tokens, collate_fn=softcache.collate); "
           f"persistent workers; best of {args.repeats} full passes after a warm-up pass, wall clock")  # fmt: skip
     print()
-    print("| loader | workers | tokens/s (wall) | per worker | × naive | tokens per CPU-s | × naive |")
-    print("|---|---|---|---|---|---|---|")
-    for name, workers, tps, per, ratio, per_cpu, cpu_ratio in rows:
-        print(f"| {name} | {workers} | {tps / 1e6:.2f}M | {per / 1e6:.2f}M | {ratio:.2f} | {per_cpu / 1e6:.2f}M "
-              f"| {cpu_ratio:.2f} |")  # fmt: skip
+    header = ["loader", "workers", "tokens/s (wall)", "per worker", "× naive", "tokens per CPU-s", "× naive"]
+    cells = [
+        [name, str(workers), f"{tps / 1e6:.2f}M", f"{per / 1e6:.2f}M", f"{ratio:.2f}", f"{per_cpu / 1e6:.2f}M",
+         f"{cpu_ratio:.2f}"]
+        for name, workers, tps, per, ratio, per_cpu, cpu_ratio in rows
+    ]  # fmt: skip
+    print(markdown_table(header, cells))
     print()
     print("CPU µs per token, in-order path in one process: "
           + ", ".join(f"{key} {us:.2f}" for key, us in breakdown.items()))  # fmt: skip
