@@ -4,14 +4,18 @@ Depends on torch, and on triton when it is importable (CUDA; CPU tests use TRITO
 without triton everything runs on the chunked PyTorch implementation. ``fused_linear_sparse_kl_loss`` takes the
 student's final hidden states and output layer instead of logits and never materialises the (N, V) logits;
 ``softcache.kernels.hf`` applies it to Hugging Face causal LMs (importing transformers only when called).
+``counted_rows`` tells which rows a loss counts (the denominator of reduction='mean').
 """
 
+from ._backend import triton_available
+from ._common import counted_rows
 from .fused_linear import FusedLinearSparseKLLoss, fused_linear_sparse_kl_loss
-from .sparse_kl import SparseKLLoss, sparse_kl_loss, triton_available
+from .sparse_kl import SparseKLLoss, sparse_kl_loss
 
 __all__ = [
     "FusedLinearSparseKLLoss",
     "SparseKLLoss",
+    "counted_rows",
     "fused_linear_sparse_kl_loss",
     "sparse_kl_loss",
     "triton_available",

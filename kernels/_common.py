@@ -36,6 +36,16 @@ class LossConfig:
         return self.ce_weight != 0.0
 
 
+@dataclass(frozen=True)
+class LossParams:
+    """The non-tensor arguments of one loss call, passed whole through ``autograd.Function.apply`` (like Cut
+    Cross-Entropy's ``CCEParams``). Each op's Function takes a subclass that adds its own options."""
+
+    config: LossConfig
+    reduction: str  # 'mean' | 'sum' | 'none'; the mean's 1/denominator travels as the tensor ``scale``
+    use_triton: bool
+
+
 def make_config(
     *,
     temperature: float,
@@ -170,7 +180,11 @@ def check_ids(vocab: int, target_ids: torch.Tensor, labels: torch.Tensor | None,
 def counted_rows(
     vocab: int, target_ids: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
 ) -> torch.Tensor:
-    """Bool (N,): a row counts when it has a target id in [0, V) and (with labels) label != ignore_index."""
+    """Which rows count in the loss: bool of the leading dims of ``target_ids`` (..., K).
+
+    A row counts when it has a target id in [0, vocab) and, when ``labels`` (...) are given, its label is not
+    ``ignore_index``; the denominator of reduction='mean' is their number. Device-side, no host sync.
+    """
     counted = ((target_ids >= 0) & (target_ids < vocab)).any(dim=-1)
     if labels is not None:
         counted = counted & (labels != ignore_index)

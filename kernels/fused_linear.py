@@ -25,22 +25,23 @@ grad_output); with reduction='none' the per-row grad_output is unknown in forwar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ._common import LossConfig, counted_rows, flatten_inputs, make_config, row_scale
+from ._backend import fused_linear_triton, use_triton_for
+from ._common import LossConfig, LossParams, counted_rows, flatten_inputs, make_config, row_scale
 from ._common import check_ids as _check_ids
 from .fused_linear_torch import fused_linear_torch
-from .sparse_kl import _triton_module, _use_triton
 from .sparse_kl_torch import row_terms
 
 
-def _fused_triton():
-    if not _triton_module():
-        return None
-    from . import fused_linear_triton
+@dataclass(frozen=True)
+class FusedLinearParams(LossParams):
+    """``LossParams`` plus the option of :func:`fused_linear_sparse_kl_loss` that only this op has."""
 
-    return fused_linear_triton
+    grad_skip_eps: float  # Triton backward: skip tiles whose probabilities are all below this (0: none)
 
 
 def _plan(cfg: LossConfig) -> tuple[bool, bool, bool]:
@@ -105,15 +106,15 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
     """Forward computes the loss (torch backend, 'mean'/'sum': also the gradients); backward recomputes or scales."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target_ids, target_logprobs, labels, scale, cfg, reduction, use_triton,
-                skip_eps):  # fmt: skip
+    def forward(ctx, hidden, weight, bias, target_ids, target_logprobs, labels, scale, params: FusedLinearParams):
         """hidden (N, H), weight (V, H), bias (V,) or None, targets (N, K), labels (N,) or None, scale (1,)."""
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         any_grad = any(needs)
         vocab = weight.shape[0]
-        ctx.needs, ctx.cfg = needs, cfg
-        if use_triton:
-            ops = _fused_triton()
+        cfg, reduction = params.config, params.reduction
+        ctx.needs, ctx.params = needs, params
+        if params.use_triton:
+            ops = fused_linear_triton()
             need_s, need_z, _ = _plan(cfg)
             ids_ext = _extended_ids(target_ids, labels, vocab, cfg)
             lse_s, lse_z, zg = ops.fused_forward_triton(hidden, weight, bias, ids_ext, 1.0 / cfg.temperature, need_s,
@@ -121,7 +122,6 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
             losses, coef, row = _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab,
                                                   scale, cfg)  # fmt: skip
             ctx.mode = "triton"
-            ctx.skip_eps = skip_eps
             if any_grad:
                 ctx.save_for_backward(hidden, weight, bias, ids_ext, coef, row)
         elif any_grad and reduction != "none":
@@ -147,19 +147,20 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
         elif ctx.mode == "recompute":
             hidden, weight, bias, target_ids, target_logprobs, labels, scale = ctx.saved_tensors
             _, grads = fused_linear_torch(hidden, weight, bias, target_ids, target_logprobs, labels, scale * go,
-                                          ctx.cfg, ctx.needs)  # fmt: skip
+                                          ctx.params.config, ctx.needs)  # fmt: skip
         else:
             hidden, weight, bias, ids_ext, coef, row = ctx.saved_tensors
-            need_s, need_z, shared = _plan(ctx.cfg)
+            cfg = ctx.params.config
+            need_s, need_z, _ = _plan(cfg)
             coef = coef * (go[:, None] if go.numel() > 1 else go)
             row = row.clone()
             row[2] *= go  # the two dense coefficients; maxima and log-sums stay
             row[5] *= go
-            grads = _fused_triton().fused_backward_triton(
-                hidden, weight, bias, ids_ext, coef, row, 1.0 / ctx.cfg.temperature, need_s, need_z, ctx.needs,
-                ctx.skip_eps,
+            grads = fused_linear_triton().fused_backward_triton(
+                hidden, weight, bias, ids_ext, coef, row, 1.0 / cfg.temperature, need_s, need_z, ctx.needs,
+                ctx.params.grad_skip_eps,
             )  # fmt: skip
-        return (*grads, *(None,) * 8)
+        return (*grads, None, None, None, None, None)
 
 
 def _check_head(hidden, weight, bias):
@@ -238,8 +239,11 @@ def fused_linear_sparse_kl_loss(
     lead = hidden.shape[:-1] if isinstance(hidden, torch.Tensor) else ()
     hidden2d, ids2d, lp2d, labels1d = flatten_inputs(hidden, target_ids, target_logprobs, labels, name="hidden")
     _check_head(hidden2d, weight, bias)
-    use_triton = _use_triton(backend, hidden2d.device)
-    if use_triton and hidden2d.dtype == torch.float64:
+    params = FusedLinearParams(
+        config=cfg, reduction=reduction, use_triton=use_triton_for(backend, hidden2d.device),
+        grad_skip_eps=grad_skip_eps,
+    )  # fmt: skip
+    if params.use_triton and hidden2d.dtype == torch.float64:
         raise ValueError("the Triton backend takes float16, bfloat16 or float32; use backend='torch' for float64")
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
@@ -247,9 +251,7 @@ def fused_linear_sparse_kl_loss(
     if check_ids:
         _check_ids(vocab, ids2d, labels1d, cfg.ignore_index)
     scale = row_scale(reduction, counted_rows(vocab, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
-    out = FusedLinearSparseKLFunction.apply(
-        hidden2d, weight, bias, ids2d, lp2d.detach(), labels1d, scale, cfg, reduction, use_triton, grad_skip_eps
-    )
+    out = FusedLinearSparseKLFunction.apply(hidden2d, weight, bias, ids2d, lp2d.detach(), labels1d, scale, params)
     return out.reshape(lead) if reduction == "none" else out
 
 

@@ -33,16 +33,20 @@ multiplies it by grad_output, and skips even that, on the device, when grad_outp
 torch.compile: the forward and the backward scaling are registered as custom ops
 (``torch.ops.softcache.sparse_kl_fwd`` / ``sparse_kl_fwd_inplace`` / ``scale_grad_``) with fake
 implementations, and the autograd.Function around them is traceable, so compiled graphs hold the loss
-without a graph break. The id check (one host read) runs inside the op and is invisible to the tracer.
+without a graph break. The Function takes one frozen ``SparseKLParams``; the ops, whose schema allows only
+plain scalars, take the fields of its ``LossConfig`` one by one. The id check (one host read) runs inside
+the op and is invisible to the tracer.
 """
 
-import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ._backend import sparse_kl_triton, use_triton_for
 from ._common import (
     LossConfig,
+    LossParams,
     check_ids,
     counted_rows,
     flatten_inputs,
@@ -51,52 +55,25 @@ from ._common import (
 )
 from .sparse_kl_torch import sparse_kl_forward_torch
 
-_TRITON = None  # the sparse_kl_triton module once imported, False when triton is unavailable
 
+@dataclass(frozen=True)
+class SparseKLParams(LossParams):
+    """``LossParams`` plus the options of :func:`sparse_kl_loss` that only this op has."""
 
-def _triton_module():
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from . import sparse_kl_triton
-
-            _TRITON = sparse_kl_triton
-        except ImportError:
-            _TRITON = False
-    return _TRITON
-
-
-def triton_available() -> bool:
-    """True when triton imports (Linux with a working triton; on CPU it also needs TRITON_INTERPRET=1)."""
-    return bool(_triton_module())
-
-
-def _use_triton(backend: str, device: torch.device) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return device.type == "cuda" and triton_available()
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if not triton_available():
-        raise ValueError("backend='triton' but triton is not importable here; use backend='torch' or 'auto'")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend='triton' with tensors on {device} needs TRITON_INTERPRET=1 set before triton is imported "
-            "(the interpreter is slow and meant for tests); use backend='auto' or 'torch' on the CPU"
-        )
-    return True
+    check_ids: bool  # validate ids inside the op (one host read)
+    inplace_grad: bool  # write the gradient over the logits
 
 
 def _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, grad, use_triton, check):
     if check:
         check_ids(logits.shape[1], target_ids, labels, cfg.ignore_index)
-    forward = _triton_module().sparse_kl_forward_triton if use_triton else sparse_kl_forward_torch
+    forward = sparse_kl_triton().sparse_kl_forward_triton if use_triton else sparse_kl_forward_torch
     return forward(logits, target_ids, target_logprobs, labels, scale, cfg, grad)
 
 
-def _cfg(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index) -> LossConfig:
-    return LossConfig(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
+def _config_scalars(cfg: LossConfig) -> tuple:
+    """The fields of ``cfg`` in order, as the custom ops take them (``LossConfig(*scalars)`` rebuilds it)."""
+    return cfg.kind, cfg.tail, cfg.temperature, cfg.beta, cfg.soft_weight, cfg.ce_weight, cfg.ignore_index
 
 
 @torch.library.custom_op("softcache::sparse_kl_fwd", mutates_args=())
@@ -118,7 +95,7 @@ def _sparse_kl_fwd(
     check: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (N,) float32 and the gradient (N, V) in the logits' dtype (empty if not compute_grad)."""
-    cfg = _cfg(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
+    cfg = LossConfig(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
     grad = torch.empty_like(logits) if compute_grad else None
     losses = _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, grad, use_triton, check)
     return losses, grad if grad is not None else logits.new_empty(0)
@@ -149,7 +126,7 @@ def _sparse_kl_fwd_inplace(
     check: bool,
 ) -> torch.Tensor:
     """Per-row losses (N,); overwrites ``logits`` with the gradient."""
-    cfg = _cfg(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
+    cfg = LossConfig(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
     return _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, logits, use_triton, check)
 
 
@@ -163,7 +140,7 @@ def _(logits, target_ids, target_logprobs, labels, scale, kind, tail, temperatur
 def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, use_triton: bool) -> None:
     """In place: grad (N, V) *= grad_output (a scalar or (N,) per-row factors)."""
     if use_triton:
-        _triton_module().scale_rows_triton(grad, grad_output)
+        sparse_kl_triton().scale_rows_triton(grad, grad_output)
     elif grad_output.numel() == 1:
         if grad.device.type == "cpu" and float(grad_output) == 1.0:  # free to check on the CPU
             return
@@ -181,24 +158,24 @@ class SparseKLFunction(torch.autograd.Function):
     """Loss in forward, with the gradient computed there too; backward scales it by grad_output."""
 
     @staticmethod
-    def forward(ctx, logits, target_ids, target_logprobs, labels, scale, kind, tail, temperature, beta,
-                soft_weight, ce_weight, ignore_index, reduction, use_triton, check, inplace_grad):  # fmt: skip
+    def forward(ctx, logits, target_ids, target_logprobs, labels, scale, params: SparseKLParams):
         """logits (N, V); targets (N, K); labels (N,) or None; scale (1,) = 1/denominator for 'mean'."""
         compute_grad = ctx.needs_input_grad[0]
-        args = (kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
-        if compute_grad and inplace_grad:
+        scalars = _config_scalars(params.config)
+        if compute_grad and params.inplace_grad:
             losses = torch.ops.softcache.sparse_kl_fwd_inplace(
-                logits, target_ids, target_logprobs, labels, scale, *args, use_triton, check
+                logits, target_ids, target_logprobs, labels, scale, *scalars, params.use_triton, params.check_ids
             )
             grad = logits
         else:
             losses, grad = torch.ops.softcache.sparse_kl_fwd(
-                logits, target_ids, target_logprobs, labels, scale, *args, compute_grad, use_triton, check
-            )
+                logits, target_ids, target_logprobs, labels, scale, *scalars, compute_grad, params.use_triton,
+                params.check_ids,
+            )  # fmt: skip
         if compute_grad:
             ctx.save_for_backward(grad)
-        ctx.use_triton = use_triton
-        if reduction == "none":
+        ctx.use_triton = params.use_triton
+        if params.reduction == "none":
             return losses
         return (losses.sum() * scale).reshape(())
 
@@ -206,7 +183,7 @@ class SparseKLFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         torch.ops.softcache.scale_grad_(grad, grad_output.float().contiguous(), ctx.use_triton)
-        return (grad,) + (None,) * 15
+        return grad, None, None, None, None, None
 
 
 def sparse_kl_loss(
@@ -262,13 +239,13 @@ def sparse_kl_loss(
     )  # fmt: skip
     lead = logits.shape[:-1]
     logits2d, ids2d, lp2d, labels1d = flatten_inputs(logits, target_ids, target_logprobs, labels)
-    use_triton = _use_triton(backend, logits.device)
+    params = SparseKLParams(
+        config=cfg, reduction=reduction, use_triton=use_triton_for(backend, logits.device),
+        check_ids=bool(check_ids), inplace_grad=bool(inplace_grad),
+    )  # fmt: skip
     vocab = logits2d.shape[1]
     scale = row_scale(reduction, counted_rows(vocab, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
-    out = SparseKLFunction.apply(
-        logits2d, ids2d, lp2d.detach(), labels1d, scale, cfg.kind, cfg.tail, cfg.temperature, cfg.beta,
-        cfg.soft_weight, cfg.ce_weight, cfg.ignore_index, reduction, use_triton, bool(check_ids), bool(inplace_grad),
-    )  # fmt: skip
+    out = SparseKLFunction.apply(logits2d, ids2d, lp2d.detach(), labels1d, scale, params)
     return out.reshape(lead) if reduction == "none" else out
 
 

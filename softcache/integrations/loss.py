@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softcache.kernels import fused_linear_sparse_kl_loss, sparse_kl_loss
-from softcache.kernels._common import counted_rows
+from softcache.kernels import counted_rows, fused_linear_sparse_kl_loss, sparse_kl_loss
 from softcache.kernels.hf import final_hidden_states, output_layer, shift_labels
 
 
@@ -64,7 +63,7 @@ class DistillationLoss:
 
         The temperature is the datasets' (they temper the targets): ``temperature`` given and different is a
         ValueError, and so are datasets at different temperatures; without either it is 1.0. Datasets with
-        ``check_student`` (SoftTargetDataset, the ``Cache.to_hf_dataset`` decoder) check ``model``'s vocabulary;
+        ``check_student`` (SoftTargetDataset, the ``softcache.to_hf_dataset`` decoder) check ``model``'s vocabulary;
         a student padded larger gets ``vocab_size`` = the cache's, so its extra logits are left out. ``vocab_size``
         given: the cache's size, for datasets that cannot tell it; it must agree with theirs.
         """
