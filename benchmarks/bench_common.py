@@ -8,12 +8,15 @@ benchmarks (codec) stay light; the torch helpers import it when called.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 import subprocess
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic teacher outputs (float64, chunked): see benchmarks/codec.py's docstring for the two distributions
@@ -93,6 +96,88 @@ def make_data(dist: str, vocab: int, n_pos: int, kmax: int, seed: int) -> dict:
         "s_cnt": scnt,
         "input_ids": rng.integers(0, vocab, n_pos),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Peer layouts and shard accounting, shared by the synthetic and the real-teacher codec benchmarks
+
+
+def parquet_bytes(columns: dict[str, np.ndarray]) -> tuple[int, float]:
+    """Bytes of zstd Parquet files with these flat columns (one file per column length), and the seconds
+    to read them back to numpy."""
+    groups: dict[int, dict[str, np.ndarray]] = {}
+    for n, v in columns.items():
+        groups.setdefault(v.size, {})[n] = v
+    size, seconds = 0, 0.0
+    for cols in groups.values():
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({n: pa.array(v) for n, v in cols.items()}), sink, compression="zstd")
+        buf = sink.getvalue()
+        t0 = time.process_time()
+        table = pq.read_table(pa.BufferReader(buf), use_threads=False)
+        for c in table.columns:
+            c.to_numpy()
+        seconds += time.process_time() - t0
+        size += buf.size
+    return size, seconds
+
+
+def pack_bits(ids: np.ndarray, bits: int) -> np.ndarray:
+    ids = ids.astype(np.uint32).ravel()
+    planes = ((ids[:, None] >> np.arange(bits - 1, -1, -1, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(planes.ravel())
+
+
+def peers(kind: str, vocab: int, k: int, data: dict, samples: int = SAMPLES) -> dict:
+    """Bytes (and errors) of the naive and DistillKit-style layouts of the same targets (see benchmarks/codec.py)."""
+    bits = max(1, math.ceil(math.log2(vocab)))
+    if kind == "topk":
+        ids = data["ids"][:, :k]
+        lp = data["lp"][:, :k]
+        n_pos = ids.shape[0]
+        naive = {"ids": ids.astype(np.int32).ravel(), "lp": lp.astype(np.float32).ravel()}
+        hi = lp.max(1, keepdims=True).astype(np.float32)
+        lo = lp.min(1, keepdims=True).astype(np.float32)
+        span = np.maximum(hi - lo, np.float32(1e-30)).astype(np.float64)
+        q = np.rint((lp - lo) / span * 255).astype(np.uint8)
+        deq = lo + q * (span / 255)
+        err = np.abs(deq - lp)
+        tail2 = 1.0 - np.exp(lp / 2.0 - data["lognorm"][:, 1:2]).sum(1)
+        packed = pack_bits(ids, bits)
+        dk = {"ids": packed, "q": q.ravel()}
+        dk_cols = {"ids": packed, "q": q.ravel(), "lo": lo.ravel(), "hi": hi.ravel()}
+        dk_raw = packed.size + q.size + 8 * n_pos
+        out = {"dk_err_mean": err.mean(), "dk_err_max": err.max(), "dk_tail": np.abs(tail2).mean()}
+    else:
+        valid = data["s_ids"] >= 0
+        n_pos = valid.shape[0]
+        cnt = data["s_cnt"][valid]
+        lens = valid.sum(1).astype(np.uint8)
+        naive = {"ids": data["s_ids"][valid].astype(np.int32), "lp": np.log(cnt / samples).astype(np.float32)}
+        naive["n"] = lens
+        packed = pack_bits(data["s_ids"][valid], bits)
+        dk = {"ids": packed, "c": cnt.astype(np.uint8), "n": lens}
+        dk_cols = dk
+        dk_raw = sum(v.size for v in dk.values())
+        out = {"dk_err_mean": 0.0, "dk_err_max": 0.0, "dk_tail": float("nan")}
+    naive_raw = sum(v.nbytes for v in naive.values())
+    pq_naive, t_pq = parquet_bytes(naive)
+    pq_dk, _ = parquet_bytes(dk_cols)
+    out.update(naive=naive_raw, naive_pq=pq_naive, naive_pq_read_tps=n_pos / t_pq, dk=dk_raw, dk_pq=pq_dk)
+    return out
+
+
+def header_bytes(cache, path: str) -> int:
+    """Bytes the id-order headers take in the shard files: their zstd blob as the Arrow backend stores it,
+    times the number of copies in the file (the Arrow IPC file format writes the schema, and so its
+    metadata, twice: at the start of the stream and again in the footer)."""
+    total = 0
+    for s, shard in enumerate(cache.manifest["shards"]):
+        head = cache._reader(s).header["id_order"]
+        blob = pa.compress(np.ascontiguousarray(head), "zstd", asbytes=True)
+        with open(os.path.join(path, shard["file"]), "rb") as f:
+            total += len(blob) * f.read().count(blob)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------

