@@ -8,6 +8,7 @@ import sys
 import click
 
 from softcache import __version__
+from softcache.kinds import KINDS
 
 _EXPECTED = (ValueError, TypeError, OSError, RuntimeError)
 
@@ -56,7 +57,7 @@ def main() -> None:
 def info(path: str, as_json: bool) -> None:
     """Summarise the cache at PATH (a directory or fsspec URL)."""
     from softcache import open_cache
-    from softcache.tools import summary
+    from softcache.ops import summary
 
     cache = _run(open_cache, path)
     s = summary(cache)
@@ -75,7 +76,7 @@ def info(path: str, as_json: bool) -> None:
 def verify(path: str, no_decode: bool, quiet: bool) -> None:
     """Check every shard of PATH: presence, size and SHA-256 against the manifest, each batch's CRC,
     and that every batch decodes. Exit 1, naming each damaged shard, on any problem."""
-    from softcache.tools import verify as verify_cache
+    from softcache.ops import verify as verify_cache
 
     progress = None if quiet else (lambda i, name: click.echo(f"checking {name}", err=True))
     report = _run(verify_cache, path, decode=not no_decode, progress=progress)
@@ -93,7 +94,7 @@ def verify(path: str, no_decode: bool, quiet: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def convert(src: str, dst: str, backend: str, quiet: bool) -> None:
     """Copy the cache SRC to a new cache DST stored with --backend, without re-encoding (lossless)."""
-    from softcache.tools import convert as convert_cache
+    from softcache.ops import convert as convert_cache
 
     progress = None if quiet else (lambda i, name: click.echo(f"copying {name}", err=True))
     out = _run(convert_cache, src, dst, backend, progress=progress)
@@ -108,7 +109,7 @@ def convert(src: str, dst: str, backend: str, quiet: bool) -> None:
 def stats(path: str, temperature: float | None, max_tokens: int, plot_path: str | None) -> None:
     """Histograms of the teacher's mass in the stored ids, the tail mass and the entropy per position."""
     from softcache import open_cache
-    from softcache.tools import describe, plot_stats, position_stats, text_histogram
+    from softcache.ops import describe, plot_stats, position_stats, text_histogram
 
     cache = _run(open_cache, path)
     st = _run(position_stats, cache, temperature, max_tokens)
@@ -130,11 +131,12 @@ def stats(path: str, temperature: float | None, max_tokens: int, plot_path: str 
 
 
 @main.command()
-@click.option("--teacher", help="Local Hugging Face causal LM folder (model + tokenizer); omit both for the demo.")
+@click.option("--teacher", help="Local Hugging Face causal LM folder (model + tokenizer), or a GGUF file "
+              "(pip install 'softcache[gguf]'); omit both for the demo.")
 @click.option("--data", help="save_to_disk folder, json/jsonl/parquet/csv/txt files (globs ok) or a folder of them.")
 @click.option("--out", default=None, help="Cache directory or fsspec URL [default: ./softcache-demo for the demo].")
 @click.option("--k", "k", type=int, default=64, show_default=True, help="Top-k ids kept per position.")
-@click.option("--targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
+@click.option("--targets", type=click.Choice(list(KINDS)), default="topk", show_default=True)
 @click.option("--samples", type=int, default=None, help="Draws per position for --targets sampled (e.g. 50).")
 @click.option("--temperatures", default="1", show_default=True, help="Capture temperatures, comma-separated.")
 @click.option("--max-length", type=int, default=2048, show_default=True, help="Tokens per sequence at most.")
@@ -161,8 +163,8 @@ def build(teacher, data, out, temperatures, **options) -> None:
     """Run a teacher over a dataset and write a cache (the teacher pass). Rerun the same command to
     resume after a crash; run it under torchrun to use several processes. With no --teacher/--data,
     build the demo cache from the teacher and corpus shipped with softcache."""
-    from softcache.teacher import build as build_cache
-    from softcache.teacher import build_demo
+    from softcache.build import build as build_cache
+    from softcache.build import build_demo
 
     temps = _run(lambda: [float(t) for t in temperatures.split(",") if t.strip()])
     if teacher is None and data is None:

@@ -29,7 +29,7 @@ def demo_cache(args: argparse.Namespace) -> str:
     """``args.cache``, or the demo teacher's cache built into a temporary folder (a few seconds on a CPU)."""
     if args.cache:
         return args.cache
-    from softcache.teacher import build_demo
+    from softcache.build import build_demo
 
     out = tempfile.mkdtemp(prefix="softcache-demo-") + "/cache"
     print(f"building the demo cache into {out} ...", flush=True)

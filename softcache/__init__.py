@@ -4,12 +4,11 @@ Run the teacher once (``softcache build`` or :class:`CacheWriter`), then train s
 (:func:`open_cache`, ``softcache.kernels.sparse_kl_loss``).
 """
 
-__version__ = "0.1.0"
-
-from .data import SoftTargetDataset, StreamingSoftTargetDataset, collate  # noqa: E402
-from .format import CacheFormatError, CorruptShardError  # noqa: E402
-from .reader import Cache, open_cache  # noqa: E402
-from .writer import CacheWriter  # noqa: E402
+from ._version import __version__
+from .data import SoftTargetDataset, StreamingSoftTargetDataset, collate, to_hf_dataset
+from .errors import CacheFormatError, CorruptShardError
+from .reader import Cache, open_cache
+from .writer import CacheWriter
 
 __all__ = [
     "Cache",
@@ -21,4 +20,5 @@ __all__ = [
     "__version__",
     "collate",
     "open_cache",
+    "to_hf_dataset",
 ]

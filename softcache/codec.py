@@ -292,15 +292,25 @@ def encode_sampled(target_ids: np.ndarray, counts: np.ndarray, samples: int, ord
     """Encode sampled rows: unique ids (L, k) with −1 padding and their counts out of ``samples`` draws."""
     ids = np.asarray(target_ids, np.int64)
     counts = np.asarray(counts, np.int64)
-    valid = ids >= 0
-    if np.any(valid & ((counts < 1) | (counts > samples))):
-        raise ValueError(f"sample counts must lie in [1, samples={samples}] for every id ≥ 0")
-    if np.any(counts.sum(-1, where=valid) > samples):
-        raise ValueError(f"a position's counts add up to more than samples={samples}")
+    bad = invalid_count_row(ids, counts, samples)
+    if bad is not None:
+        raise ValueError(
+            f"counts at position {bad}: each drawn id needs a count in [1, samples={samples}] "
+            f"and a position's counts may add up to at most {samples}"
+        )
     ids, counts, lengths, mask = _sort_rows(ids, counts)
     streams = _encode_ids(ids, lengths, mask, order)
     streams.update(_encode_monotone(np.where(mask, samples - counts, 0).astype(np.int32), lengths, mask))
     return streams
+
+
+def invalid_count_row(target_ids: np.ndarray, counts: np.ndarray, samples: int) -> int | None:
+    """The first position whose counts are impossible for ``samples`` draws (a drawn id counted outside
+    [1, samples], or counts adding up to more than samples), or None."""
+    real = target_ids >= 0
+    bad = (real & ((counts < 1) | (counts > samples))).any(-1) | (np.where(real, counts, 0).sum(-1) > samples)
+    rows = np.flatnonzero(bad)
+    return int(rows[0]) if rows.size else None
 
 
 def decode_sampled(streams, n_positions: int, k: int, samples: int, order: IdOrder):

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from . import codec
-from .format import CacheFormatError, CorruptShardError, get_backend, load_manifest
-from .writer import open_fs
+from .errors import CacheFormatError, CorruptShardError
+from .format import Manifest, ShardEntry, ShardReader, get_backend, join, load_manifest, open_fs
+from .kinds import TargetKind
 
 
 class Cache:
@@ -23,19 +24,20 @@ class Cache:
     def __init__(self, path_or_url, storage_options: dict | None = None, max_cached_batches: int = 4) -> None:
         self.url = str(path_or_url)
         self.fs, self.root = open_fs(path_or_url, storage_options)
-        self.manifest = load_manifest(self.fs, self.root)
+        self.manifest: Manifest = load_manifest(self.fs, self.root)
         m = self.manifest
-        self.targets_kind: str = m["targets"]
-        self.k: int = m["k"]
-        self.vocab_size: int = m["vocab_size"]
-        self.temperatures: list[float] = list(m["temperatures"])
-        self.samples: int | None = m.get("samples")
-        self.params = codec.CodecParams(**m["codec"])
-        self.backend = get_backend(m["backend"])
-        shards = m["shards"]
-        self._shard_start = np.cumsum([0] + [s["sequences"] for s in shards])
-        self._batch_start = [np.cumsum([0] + list(s["batches"])) for s in shards]
-        self._readers: dict[int, object] = {}
+        self.kind: TargetKind = m.kind
+        self.targets_kind: str = m.targets
+        self.k: int = m.k
+        self.vocab_size: int = m.vocab_size
+        self.temperatures: list[float] = list(m.temperatures)
+        self.samples: int | None = m.samples
+        self.settings = m.settings
+        self.params = self.settings.params
+        self.backend = get_backend(m.backend)
+        self._shard_start = np.cumsum([0] + [s.sequences for s in m.shards])
+        self._batch_start = [np.cumsum([0] + list(s.batches)) for s in m.shards]
+        self._readers: dict[int, ShardReader] = {}
         self._orders: dict[int, codec.IdOrder] = {}
         self._decoded: OrderedDict = OrderedDict()
         self._max_cached = max(1, max_cached_batches)
@@ -47,11 +49,11 @@ class Cache:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s["tokens"] for s in self.manifest["shards"])
+        return self.manifest.num_tokens
 
     @property
     def num_bytes(self) -> int:
-        return sum(s["bytes"] for s in self.manifest["shards"])
+        return self.manifest.num_bytes
 
     def __repr__(self) -> str:
         return (
@@ -65,8 +67,8 @@ class Cache:
         """Sequence ``i``: input_ids (L,) int64, target_ids (L, k) int32 (−1 padding), target_logprobs
         (L, k) float32 (teacher log-probs at T=1 for topk, log(count/N) for sampled; 0 at padding),
         lognorm (L, n_temps) float32, and target_counts (L, k) int32 for sampled caches."""
-        shard, batch, j = self._locate(i)
-        decoded = self._decode(shard, batch)
+        shard, batch, j = self.locate(i)
+        decoded = self.decoded_batch(shard, batch)
         a, b = decoded["offsets"][j], decoded["offsets"][j + 1]
         # Copies: callers may modify records, the decoded batch is shared by later reads.
         return {key: value[a:b].copy() for key, value in decoded.items() if key != "offsets"}
@@ -79,10 +81,8 @@ class Cache:
         """
         rec = self[i]
         col = self.temperature_index(temperature)
-        if self.targets_kind == "sampled":
-            return rec["target_ids"], rec["target_logprobs"]
         ids = rec["target_ids"]
-        return ids, tempered(ids, rec["target_logprobs"], rec["lognorm"][:, col], temperature)
+        return ids, self.kind.tempered(ids, rec["target_logprobs"], rec["lognorm"][:, col], temperature)
 
     def captured_column(self, temperature: float) -> int | None:
         """The column of ``lognorm`` for ``temperature``, or None when it was not captured."""
@@ -96,33 +96,23 @@ class Cache:
         col = self.captured_column(temperature)
         if col is not None:
             return col
-        what = "samples were drawn at" if self.targets_kind == "sampled" else "captured temperatures are"
-        raise ValueError(
-            f"temperature {temperature} was not captured in {self.url}; its {what} {self.temperatures}. "
-            "Use one of those, or rebuild the cache with --temperatures including it"
-        )
-
-    def to_hf_dataset(self, temperature: float = 1.0, max_length: int | None = None, retemper: bool = False):
-        """A ``datasets.Dataset`` of this cache's sequences as training items, decoded on access; see
-        :func:`softcache.data.hf_datasets.to_hf_dataset`."""
-        from .data.hf_datasets import to_hf_dataset
-
-        return to_hf_dataset(self, temperature=temperature, max_length=max_length, retemper=retemper)
+        raise ValueError(self.kind.not_captured(temperature, self.temperatures, self.url))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(self)):
             yield self[i]
 
-    def iter_raw_batches(self) -> Iterator[tuple[int, dict, int, dict]]:
-        """(shard index, shard header, sequences in batch, encoded streams) for every batch, in order."""
-        for s, shard in enumerate(self.manifest["shards"]):
-            reader = self._reader(s)
-            for b, n in enumerate(shard["batches"]):
-                yield s, reader.header, n, reader.read_batch(b)
+    def encoded_shards(self) -> Iterator[tuple[ShardEntry, dict, Iterator[tuple[int, dict]]]]:
+        """For every shard in order: its manifest entry, its header, and its batches as they are stored,
+        ``(sequences, encoded streams)``, each checked against its CRC (what ``CacheWriter.copy_shards`` takes)."""
+        for s, entry in enumerate(self.manifest.shards):
+            reader = self.shard(s)
+            yield entry, reader.header, ((n, reader.read_batch(b)) for b, n in enumerate(entry.batches))
 
-    # -- internals -------------------------------------------------------------------------------
+    # -- seams for the data layer and the tools ----------------------------------------------------
 
-    def _locate(self, i: int) -> tuple[int, int, int]:
+    def locate(self, i: int) -> tuple[int, int, int]:
+        """Sequence ``i`` → (shard, batch within the shard, sequence within the batch)."""
         n = len(self)
         if not isinstance(i, (int, np.integer)):
             raise TypeError(f"cache indices must be integers, got {type(i).__name__}")
@@ -135,48 +125,60 @@ class Cache:
         batch = int(np.searchsorted(self._batch_start[shard], within, side="right")) - 1
         return shard, batch, within - int(self._batch_start[shard][batch])
 
-    def _reader(self, shard: int):
-        if shard not in self._readers:
-            name = self.manifest["shards"][shard]["file"]
-            expected = self.manifest["shards"][shard]["bytes"]
-            path = f"{self.root}/{name}"
+    def shard(self, s: int) -> ShardReader:
+        """The reader of shard ``s``, opened once; its size and batch count are checked against the manifest."""
+        if s not in self._readers:
+            entry = self.manifest.shards[s]
+            path = join(self.root, entry.file)
             if not self.fs.exists(path):
-                raise CorruptShardError(f"shard {name} is missing from {self.url}")
-            if not self.fs.isdir(path) and self.fs.size(path) != expected:
+                raise CorruptShardError(f"shard {entry.file} is missing from {self.url}")
+            if not self.fs.isdir(path) and self.fs.size(path) != entry.bytes:
                 raise CorruptShardError(
-                    f"shard {name} has {self.fs.size(path)} bytes, the manifest says {expected}: truncated or altered"
+                    f"shard {entry.file} has {self.fs.size(path)} bytes, the manifest says {entry.bytes}: "
+                    "truncated or altered"
                 )
-            reader = self.backend.open(self.fs, self.root, name)
-            if reader.num_batches != len(self.manifest["shards"][shard]["batches"]):
-                raise CorruptShardError(f"shard {name} holds {reader.num_batches} batches, the manifest says otherwise")
-            self._readers[shard] = reader
-        return self._readers[shard]
+            reader = self.backend.open(self.fs, self.root, entry.file)
+            if reader.num_batches != len(entry.batches):
+                raise CorruptShardError(
+                    f"shard {entry.file} holds {reader.num_batches} batches, the manifest says otherwise"
+                )
+            self._readers[s] = reader
+        return self._readers[s]
 
-    def _order(self, shard: int) -> codec.IdOrder:
-        if shard not in self._orders:
-            name = self.manifest["shards"][shard]["file"]
+    def _id_order(self, s: int) -> codec.IdOrder:
+        if s not in self._orders:
             try:
-                self._orders[shard] = codec.IdOrder.from_bytes(self._reader(shard).header["id_order"], self.vocab_size)
+                self._orders[s] = codec.IdOrder.from_bytes(self.shard(s).header["id_order"], self.vocab_size)
             except (KeyError, ValueError) as e:
-                raise CorruptShardError(f"shard {name}: bad id order header ({e})") from e
-        return self._orders[shard]
+                raise CorruptShardError(f"shard {self.manifest.shards[s].file}: bad id order header ({e})") from e
+        return self._orders[s]
 
-    def _decode(self, shard: int, batch: int) -> dict[str, np.ndarray]:
+    def decoded_batch(self, shard: int, batch: int) -> dict[str, np.ndarray]:
+        """Batch ``batch`` of shard ``shard`` decoded: flat arrays over its tokens plus per-sequence ``offsets``
+        (shared with later reads: do not modify). The last few are kept, so reading in order decodes each once."""
         key = (shard, batch)
         if key in self._decoded:
             self._decoded.move_to_end(key)
             return self._decoded[key]
-        name = self.manifest["shards"][shard]["file"]
-        streams = self._reader(shard).read_batch(batch)
-        n_seqs = self.manifest["shards"][shard]["batches"][batch]
+        entry = self.manifest.shards[shard]
+        streams = self.shard(shard).read_batch(batch)
         try:
-            decoded = decode_batch(streams, n_seqs, self, self._order(shard))
+            decoded = self._decode(streams, entry.batches[batch], self._id_order(shard))
         except (ValueError, IndexError) as e:
-            raise CorruptShardError(f"shard {name}: batch {batch} does not decode ({e})") from e
+            raise CorruptShardError(f"shard {entry.file}: batch {batch} does not decode ({e})") from e
         self._decoded[key] = decoded
         if len(self._decoded) > self._max_cached:
             self._decoded.popitem(last=False)
         return decoded
+
+    def _decode(self, streams: dict, n_seqs: int, order: codec.IdOrder) -> dict[str, np.ndarray]:
+        lengths = codec.decode_tokens(streams["seq_lengths"], n_seqs)
+        n_tokens = int(lengths.sum())
+        return {
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]),
+            "input_ids": codec.decode_tokens(streams["input_ids"], n_tokens),
+            **self.kind.decode(streams, n_tokens, self.settings, order),
+        }
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -189,43 +191,6 @@ class Cache:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def tempered(target_ids: np.ndarray, target_logprobs: np.ndarray, lognorm: np.ndarray, temperature: float):
-    """Exact teacher log-probs at a captured ``temperature``: ``lp/τ − n_τ`` (L, k) float32, 0 at padding (id −1).
-
-    ``target_logprobs`` are the stored T=1 log-probs (L, k), ``lognorm`` the (L,) column of ``n_τ``; a new array.
-    """
-    out = target_logprobs / np.float32(temperature)
-    out -= lognorm[:, None]
-    out[target_ids < 0] = 0
-    return out
-
-
-def decode_batch(streams: dict, n_seqs: int, cache: Cache, order: codec.IdOrder) -> dict[str, np.ndarray]:
-    """Encoded streams of one batch → flat arrays over its tokens plus per-sequence ``offsets``."""
-    lengths = codec.decode_tokens(streams["seq_lengths"], n_seqs)
-    n_tokens = int(lengths.sum())
-    out = {
-        "offsets": np.concatenate([[0], np.cumsum(lengths)]),
-        "input_ids": codec.decode_tokens(streams["input_ids"], n_tokens),
-    }
-    if cache.targets_kind == "topk":
-        ids, lp, lognorm = codec.decode_topk(
-            streams, n_tokens, cache.k, len(cache.temperatures), order, cache.params
-        )
-        out.update(target_ids=ids, target_logprobs=lp, lognorm=lognorm)
-    else:
-        ids, counts = codec.decode_sampled(streams, n_tokens, cache.k, cache.samples, order)
-        with np.errstate(divide="ignore"):
-            lp = np.where(counts > 0, np.log(np.maximum(counts, 1) / cache.samples), 0).astype(np.float32)
-        out.update(
-            target_ids=ids,
-            target_logprobs=lp,
-            lognorm=np.zeros((n_tokens, 1), np.float32),
-            target_counts=counts,
-        )
-    return out
 
 
 def open_cache(path_or_url, *, storage_options: dict | None = None) -> Cache:

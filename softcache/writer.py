@@ -10,46 +10,25 @@ again appends after them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-import fsspec
 import numpy as np
 
-from . import __version__, codec
+from . import codec
+from .errors import CacheFormatError
 from .format import (
     BACKENDS,
-    FORMAT_VERSION,
     MANIFEST_NAME,
-    CacheFormatError,
+    Manifest,
+    ShardEntry,
     get_backend,
+    join,
     load_manifest,
+    open_fs,
     save_manifest,
 )
-from .format.backend import join
-from .targets import sampled_targets, topk_targets
-
-_STREAMS = {
-    "topk": ["seq_lengths", "input_ids", "n_targets", "target_codes", "q_head", "q_delta", "q_escape", "lognorm"],
-    "sampled": ["seq_lengths", "input_ids", "n_targets", "target_codes", "q_head", "q_delta", "q_escape"],
-}
-_FIXED_KEYS = ("targets", "k", "vocab_size", "temperatures", "samples", "backend", "codec")
-
-
-def _to_numpy(x, name: str, dtype=None) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor on any device
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if dtype is not None and x.size:
-        if dtype == "int" and not np.issubdtype(x.dtype, np.integer):
-            raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
-        if dtype == "float" and not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"{name} must hold floats, got dtype {x.dtype}")
-    return x
-
-
-def open_fs(path_or_url: str, storage_options: dict | None = None):
-    fs, root = fsspec.core.url_to_fs(str(path_or_url), **(storage_options or {}))
-    return fs, root.rstrip("/") or "/"
+from .kinds import TOKEN_STREAMS, as_array, get_kind
+from .sparsify import Sparsifier
 
 
 class CacheWriter:
@@ -97,16 +76,18 @@ class CacheWriter:
         chunk_elements: int = 1 << 26,
         storage_options: dict | None = None,
     ) -> None:
-        self.settings = _check_settings(vocab_size, k, targets, temperatures, samples, backend, logprob_step)
+        new = _new_manifest(vocab_size, k, targets, temperatures, samples, backend, logprob_step, metadata or {})
         if batch_tokens < 1 or shard_tokens < 1 or chunk_elements < 1:
             raise ValueError("batch_tokens, shard_tokens and chunk_elements must be positive")
         self.fs, self.root = open_fs(path_or_url, storage_options)
         self.url = str(path_or_url)
         self.backend = get_backend(backend)
-        self.params = codec.CodecParams(**self.settings["codec"])
+        self.kind = new.kind
+        self.settings = new.settings
         self.batch_tokens, self.shard_tokens = batch_tokens, shard_tokens
-        self.seed, self.chunk_elements = seed, chunk_elements
-        self.manifest = self._open_manifest(metadata or {})
+        self.chunk_elements = chunk_elements
+        self.sparsifier = Sparsifier(self.kind, new.k, new.settings.temperatures, new.samples, seed)
+        self.manifest = self._open_manifest(new)
         self._pending: list[tuple] = []  # (input_ids, target_ids, values, lognorm) per sequence
         self._pending_tokens = 0
         self._shard = None
@@ -116,14 +97,15 @@ class CacheWriter:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _open_manifest(self, metadata: dict) -> dict:
+    def _open_manifest(self, new: Manifest) -> Manifest:
         fs, root = self.fs, self.root
         if fs.exists(join(root, MANIFEST_NAME)):
             manifest = load_manifest(fs, root)
-            for key in _FIXED_KEYS:
-                if manifest.get(key) != self.settings[key]:
+            old, want = manifest.fixed(), new.fixed()
+            for key, value in want.items():
+                if old[key] != value:
                     raise CacheFormatError(
-                        f"{self.url} is a cache with {key}={manifest.get(key)!r}, not {self.settings[key]!r}; "
+                        f"{self.url} is a cache with {key}={old[key]!r}, not {value!r}; "
                         "write to a new path, or delete the old cache to replace it"
                     )
             self._remove_uncommitted(manifest)
@@ -133,20 +115,12 @@ class CacheWriter:
                 f"{self.url} exists, is not empty and is not a softcache cache; choose an empty or new directory"
             )
         fs.makedirs(root, exist_ok=True)
-        manifest = {
-            "format": "softcache",
-            "format_version": FORMAT_VERSION,
-            "softcache_version": __version__,
-            **self.settings,
-            "metadata": metadata,
-            "shards": [],
-        }
-        save_manifest(fs, root, manifest)
-        return manifest
+        save_manifest(fs, root, new)
+        return new
 
-    def _remove_uncommitted(self, manifest: dict) -> None:
+    def _remove_uncommitted(self, manifest: Manifest) -> None:
         """Delete what a killed writer left behind: temporary files and shards the manifest never named."""
-        committed = {s["file"] for s in manifest["shards"]}
+        committed = {s.file for s in manifest.shards}
         for path in self.fs.ls(self.root, detail=False):
             name = path.rstrip("/").rsplit("/", 1)[-1]
             leftover = name.startswith(".") and name.endswith(".tmp")
@@ -165,24 +139,16 @@ class CacheWriter:
         so no fp32 buffer larger than ``chunk_elements`` is created.
         """
         self._check_open()
-        s = self.settings
-        ids, rows = _split_batch(input_ids, logits, attention_mask, s["vocab_size"])
+        ids, rows = _split_batch(input_ids, logits, attention_mask, self.settings.vocab_size)
         for seq_ids, seq_logits in zip(ids, rows, strict=True):
-            where = f"sequence {self.num_sequences + len(self._pending)}"
-            if s["targets"] == "topk":
-                t_ids, t_lp, lognorm = topk_targets(seq_logits, s["k"], s["temperatures"], self.chunk_elements, where)
-                self._add(seq_ids, t_ids, t_lp, lognorm)
-            else:
-                t_ids, counts = sampled_targets(
-                    seq_logits,
-                    s["k"],
-                    s["temperatures"][0],
-                    s["samples"],
-                    seed=(self.seed, self.num_sequences + len(self._pending)),
-                    chunk_elements=self.chunk_elements,
-                    where=where,
+            index = self.num_sequences + len(self._pending)
+            t_ids, values, lognorm, broken = self.sparsifier.sequence(seq_logits, index, self.chunk_elements)
+            if broken.any():
+                raise ValueError(
+                    f"sequence {index}, position {int(np.flatnonzero(broken)[0])}: teacher logits are NaN, +inf or "
+                    "all -inf; check the teacher's dtype (fp16 overflow) and inputs"
                 )
-                self._add(seq_ids, t_ids, counts, None)
+            self._add(seq_ids, t_ids, values, lognorm)
 
     def write_targets(self, input_ids, target_ids, target_logprobs=None, lognorm=None, counts=None) -> None:
         """Add one sequence from precomputed targets.
@@ -191,60 +157,33 @@ class CacheWriter:
         log-probs at T=1, ``lognorm`` (L, n_temps) the exact n_τ (may be omitted when the only captured
         temperature is 1). sampled: ``target_ids`` and ``counts`` (L, k').
         """
+        values = counts if self.kind.values_name == "counts" else target_logprobs
+        self.write_values(input_ids, target_ids, values, lognorm)
+
+    def write_values(self, input_ids, target_ids, values, lognorm=None) -> None:
+        """:meth:`write_targets` with the kind's values positional: log-probs (topk) or counts (sampled)."""
         self._check_open()
-        s = self.settings
-        input_ids = _to_numpy(input_ids, "input_ids", "int")
-        target_ids = _to_numpy(target_ids, "target_ids", "int")
-        length = _check_sequence(input_ids, s["vocab_size"])
-        if target_ids.ndim != 2 or target_ids.shape[0] != length or target_ids.shape[1] > s["k"]:
-            raise ValueError(f"target_ids must have shape ({length}, ≤{s['k']}), got {tuple(target_ids.shape)}")
-        if target_ids.size and (target_ids.min() < -1 or target_ids.max() >= s["vocab_size"]):
-            raise ValueError(f"target_ids must lie in [-1, vocab_size={s['vocab_size']}); -1 marks padding")
+        vocab_size, k = self.settings.vocab_size, self.settings.k
+        input_ids = as_array(input_ids, "input_ids", np.integer)
+        target_ids = as_array(target_ids, "target_ids", np.integer)
+        length = _check_sequence(input_ids, vocab_size)
+        if target_ids.ndim != 2 or target_ids.shape[0] != length or target_ids.shape[1] > k:
+            raise ValueError(f"target_ids must have shape ({length}, ≤{k}), got {tuple(target_ids.shape)}")
+        if target_ids.size and (target_ids.min() < -1 or target_ids.max() >= vocab_size):
+            raise ValueError(f"target_ids must lie in [-1, vocab_size={vocab_size}); -1 marks padding")
         _check_unique(target_ids)
-        if s["targets"] == "sampled":
-            if counts is None:
-                raise ValueError("sampled caches need counts= (the number of draws of each target id)")
-            counts = _to_numpy(counts, "counts", "int")
-            _same_shape(counts, target_ids, "counts")
-            real = target_ids >= 0
-            bad = np.flatnonzero((real & ((counts < 1) | (counts > s["samples"]))).any(-1))
-            over = np.flatnonzero(np.where(real, counts, 0).sum(-1) > s["samples"])
-            if bad.size or over.size:
-                pos = int(bad[0]) if bad.size else int(over[0])
-                raise ValueError(
-                    f"counts at position {pos}: each drawn id needs a count in [1, samples={s['samples']}] "
-                    f"and a position's counts may add up to at most {s['samples']}"
-                )
-            self._add(input_ids, target_ids, counts, None)
-            return
-        if target_logprobs is None:
-            raise ValueError("top-k caches need target_logprobs (teacher log-probs at temperature 1)")
-        lp = _to_numpy(target_logprobs, "target_logprobs", "float").astype(np.float64)
-        _same_shape(lp, target_ids, "target_logprobs")
-        real = target_ids >= 0
-        if np.isnan(lp[real]).any() or (lp[real] > 1e-4).any():
-            raise ValueError("target_logprobs must be log-probabilities (≤ 0, not NaN) at every id ≥ 0")
-        if lognorm is None:
-            if s["temperatures"] != [1.0]:
-                raise ValueError(
-                    f"lognorm (L, {len(s['temperatures'])}) is required for temperatures {s['temperatures']}: "
-                    "n_τ = logsumexp(z/τ) − logsumexp(z)/τ from the full logits"
-                )
-            lognorm = np.zeros((length, 1))
-        lognorm = _to_numpy(lognorm, "lognorm", "float").astype(np.float64)
-        if lognorm.shape != (length, len(s["temperatures"])) or not np.isfinite(lognorm).all():
-            raise ValueError(f"lognorm must be finite with shape ({length}, {len(s['temperatures'])})")
-        self._add(input_ids, target_ids, np.minimum(lp, 0.0), lognorm)
+        values, lognorm = self.kind.check_targets(target_ids, values, lognorm, self.settings)
+        self._add(input_ids, target_ids, values, lognorm)
 
     # -- buffering, encoding, commits ------------------------------------------------------------
 
     @property
     def num_sequences(self) -> int:
         """Sequences committed or buffered so far (the index the next sequence will have, minus buffered)."""
-        return sum(s["sequences"] for s in self.manifest["shards"]) + self._shard_stats[0]
+        return self.manifest.num_sequences + self._shard_stats[0]
 
     def _add(self, input_ids, target_ids, values, lognorm) -> None:
-        k = self.settings["k"]
+        k = self.settings.k
         pad = k - target_ids.shape[1]
         if pad:
             target_ids = np.pad(target_ids, ((0, 0), (0, pad)), constant_values=-1)
@@ -257,7 +196,6 @@ class CacheWriter:
     def _flush_batch(self) -> None:
         if not self._pending:
             return
-        s = self.settings
         seqs = self._pending
         input_ids = np.concatenate([p[0] for p in seqs])
         target_ids = np.concatenate([p[1] for p in seqs])
@@ -268,11 +206,8 @@ class CacheWriter:
             "seq_lengths": codec.encode_tokens([len(p[0]) for p in seqs]),
             "input_ids": codec.encode_tokens(input_ids),
         }
-        if s["targets"] == "topk":
-            lognorm = np.concatenate([p[3] for p in seqs])
-            streams.update(codec.encode_topk(target_ids, values, lognorm, s["temperatures"], self._order, self.params))
-        else:
-            streams.update(codec.encode_sampled(target_ids, values, s["samples"], self._order))
+        lognorm = None if seqs[0][3] is None else np.concatenate([p[3] for p in seqs])
+        streams.update(self.kind.encode(target_ids, values, lognorm, self.settings, self._order))
         self._shard.write_batch(streams, len(seqs))
         self._pending, self._pending_tokens = [], 0
         self._shard_stats[0] += len(seqs)
@@ -282,16 +217,16 @@ class CacheWriter:
             self._commit_shard()
 
     def _open_shard(self, first_targets: np.ndarray) -> None:
-        self._order = codec.IdOrder.fit(first_targets, self.settings["vocab_size"])
+        self._order = codec.IdOrder.fit(first_targets, self.settings.vocab_size)
         header = {"id_order": self._order.to_bytes()}
         self._shard = self.backend.create(self.fs, self.root, self._next_shard_name(), header, self._streams)
 
     def _next_shard_name(self) -> str:
-        return f"shard-{len(self.manifest['shards']):05d}{self.backend.suffix}"
+        return f"shard-{len(self.manifest.shards):05d}{self.backend.suffix}"
 
     @property
     def _streams(self) -> list[str]:
-        return _STREAMS[self.settings["targets"]]
+        return [*TOKEN_STREAMS, *self.kind.streams]
 
     def _commit_shard(self) -> None:
         shard, self._shard = self._shard, None
@@ -301,20 +236,40 @@ class CacheWriter:
 
     def _append_shard_entry(self, shard, sequences: int, tokens: int, entries: int) -> None:
         size, digest = shard.commit()
-        self.manifest["shards"].append(
-            {
-                "file": shard.name,
-                "sequences": sequences,
-                "tokens": tokens,
-                "entries": entries,
-                "bytes": size,
-                "sha256": digest,
-                "batches": shard.batches,
-            }
-        )
+        entry = ShardEntry(shard.name, sequences, tokens, size, list(shard.batches), entries, digest)
+        self.manifest.shards.append(entry)
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
+        """Replace the manifest on disk with :attr:`manifest` (after changing its metadata or build state)."""
         save_manifest(self.fs, self.root, self.manifest)
 
-    def copy_shard(self, header: dict, batches, entry: dict) -> None:
+    @classmethod
+    def like(cls, manifest: Manifest, path_or_url, **options) -> CacheWriter:
+        """A writer with the settings and metadata of ``manifest`` (another cache's), e.g. to copy its shards;
+        ``options`` (``backend=``, ``storage_options=``, ...) override."""
+        return cls(
+            path_or_url,
+            vocab_size=manifest.vocab_size,
+            k=manifest.k,
+            targets=manifest.targets,
+            temperatures=manifest.temperatures,
+            samples=manifest.samples,
+            backend=options.pop("backend", manifest.backend),
+            metadata=options.pop("metadata", manifest.metadata),
+            logprob_step=manifest.codec["logprob_step"],
+            **options,
+        )
+
+    def copy_shards(self, shards: Iterable[tuple[ShardEntry, dict, Iterable[tuple[int, dict]]]], progress=None) -> None:
+        """Append already-encoded shards unchanged: ``(entry, header, batches)`` as ``Cache.encoded_shards`` yields
+        them (``softcache convert``, merging the ranks of a build). ``progress(i, name)`` is called per shard."""
+        for i, (entry, header, batches) in enumerate(shards):
+            if progress is not None:
+                progress(i, entry.file)
+            self.copy_shard(header, batches, entry)
+
+    def copy_shard(self, header: dict, batches: Iterable[tuple[int, dict]], entry: ShardEntry) -> None:
         """Append an already-encoded shard (its header and ``(sequences, streams)`` batches) unchanged.
 
         For tools that move shards between backends without re-encoding (``softcache convert``); the
@@ -330,7 +285,7 @@ class CacheWriter:
         except BaseException:
             shard.abort()
             raise
-        self._append_shard_entry(shard, entry["sequences"], entry["tokens"], entry.get("entries", 0))
+        self._append_shard_entry(shard, entry.sequences, entry.tokens, entry.entries)
 
     def flush(self) -> None:
         """Encode buffered sequences and commit the open shard (a smaller shard than usual)."""
@@ -371,13 +326,13 @@ class CacheWriter:
 # -- argument checking -----------------------------------------------------------------------------
 
 
-def _check_settings(vocab_size, k, targets, temperatures, samples, backend, logprob_step) -> dict:
+def _new_manifest(vocab_size, k, targets, temperatures, samples, backend, logprob_step, metadata) -> Manifest:
+    """The manifest of a new cache with these settings, checked."""
     if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= vocab_size:
         raise ValueError(f"k must be an integer in [1, vocab_size={vocab_size}], got {k!r}")
-    if targets not in ("topk", "sampled"):
-        raise ValueError(f"targets must be 'topk' or 'sampled', got {targets!r}")
+    kind = get_kind(targets)
     if isinstance(temperatures, (int, float)):
         temperatures = [temperatures]
     try:
@@ -386,30 +341,19 @@ def _check_settings(vocab_size, k, targets, temperatures, samples, backend, logp
         raise ValueError(f"temperatures must be positive numbers, got {temperatures!r}") from None
     if not temps or any(not (math.isfinite(t) and t > 0) for t in temps) or len(set(temps)) != len(temps):
         raise ValueError(f"temperatures must be distinct positive numbers, got {temperatures!r}")
-    if targets == "topk":
-        if samples is not None:
-            raise ValueError("samples= only applies to targets='sampled'")
-    else:
-        if not isinstance(samples, (int, np.integer)) or samples < 1:
-            raise ValueError(f"targets='sampled' needs samples= a positive integer, got {samples!r}")
-        if len(temps) != 1:
-            raise ValueError(f"sampled targets are drawn at one temperature; got temperatures={temps}")
-        if k < min(samples, vocab_size):
-            raise ValueError(
-                f"k={k} < samples={samples}: a position can draw up to {min(samples, vocab_size)} unique ids; "
-                f"set k ≥ {min(samples, vocab_size)} (storage is per id actually drawn, so a large k costs nothing)"
-            )
+    kind.check_settings(k, vocab_size, temps, samples)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return {
-        "targets": targets,
-        "k": int(k),
-        "vocab_size": int(vocab_size),
-        "temperatures": temps,
-        "samples": None if samples is None else int(samples),
-        "backend": backend,
-        "codec": codec.CodecParams(logprob_step=logprob_step).to_dict(),
-    }
+    return Manifest(
+        targets=kind.name,
+        k=int(k),
+        vocab_size=int(vocab_size),
+        temperatures=temps,
+        samples=None if samples is None else int(samples),
+        backend=backend,
+        codec=codec.CodecParams(logprob_step=logprob_step).to_dict(),
+        metadata=metadata,
+    )
 
 
 def _check_sequence(input_ids: np.ndarray, vocab_size: int) -> int:
@@ -434,18 +378,13 @@ def _check_unique(target_ids: np.ndarray) -> None:
         raise ValueError(f"target_ids at position {pos}: duplicate id {twice}; each id must be unique per position")
 
 
-def _same_shape(x: np.ndarray, like: np.ndarray, name: str) -> None:
-    if x.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of target_ids {tuple(like.shape)}, got {tuple(x.shape)}")
-
-
 def _split_batch(input_ids, logits, attention_mask, vocab_size):
     """Yield (input_ids (L,), logits (L, V)) per sequence; logits stay on their device."""
-    ids = _to_numpy(input_ids, "input_ids", "int")
+    ids = as_array(input_ids, "input_ids", np.integer)
     if ids.ndim == 1:
         ids, logits = ids[None], logits[None]
         if attention_mask is not None:
-            attention_mask = _to_numpy(attention_mask, "attention_mask")[None]
+            attention_mask = as_array(attention_mask, "attention_mask")[None]
     if ids.ndim != 2 or tuple(logits.shape[:2]) != ids.shape or logits.ndim != 3:
         raise ValueError(
             f"expected input_ids (L,) with logits (L, V), or (B, L) with (B, L, V); "
@@ -454,7 +393,7 @@ def _split_batch(input_ids, logits, attention_mask, vocab_size):
     if logits.shape[-1] != vocab_size:
         raise ValueError(f"logits have {logits.shape[-1]} classes, the cache vocab_size is {vocab_size}")
     if attention_mask is not None:
-        attention_mask = _to_numpy(attention_mask, "attention_mask")
+        attention_mask = as_array(attention_mask, "attention_mask")
         if attention_mask.shape != ids.shape:
             raise ValueError(f"attention_mask must have shape {ids.shape}, got {attention_mask.shape}")
     out_ids, out_rows = [], []

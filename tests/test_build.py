@@ -1,4 +1,4 @@
-"""The teacher pass (``softcache.teacher.build``) with tiny Llama teachers made from configs, on CPU."""
+"""The teacher pass (``softcache.build.build``) with tiny Llama teachers made from configs, on CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import softcache
-from softcache.teacher import build
+from softcache.build import build
 
 TEXT = [
     "def add(a, b):\n    return a + b\n",
@@ -148,7 +148,8 @@ def test_manifest_records_teacher_tokenizer_version_and_command(teacher, data, t
     assert meta["teacher"]["path"] == str(teacher) and len(meta["teacher"]["config_sha256"]) == 64
     assert meta["teacher"]["dtype"] == "float32" and len(meta["tokenizer"]["vocab_sha256"]) == 64
     assert meta["softcache_version"] == softcache.__version__ and meta["command"] == "softcache build X"
-    assert meta["complete"] is True and meta["skipped_bad"] == []
+    state = softcache.open_cache(tmp_path / "c").manifest.build_state
+    assert state.complete is True and state.skipped_bad == []
 
 
 def test_pretokenised_input_ids_and_chat_messages(teacher, tmp_path):

@@ -34,7 +34,7 @@ def test_cli_without_teacher_or_data_builds_the_demo(tmp_path):
     assert f"wrote {out}" in result.output and f"softcache info {out}" in result.output
     cache = softcache.open_cache(out)
     meta = cache.manifest["metadata"]
-    assert len(cache) == meta["data"]["rows"] == 18 and meta["complete"]
+    assert len(cache) == meta["data"]["rows"] == 18 and cache.manifest.build_state.complete
     assert meta["teacher"]["path"] == str(teacher_path())
     rec = cache[0]
     assert rec["target_ids"].shape == (len(rec["input_ids"]), 32)

@@ -11,14 +11,14 @@ import sys
 from test_build import assert_same_cache, data, teacher  # noqa: F401 - shared fixtures
 
 import softcache
-from softcache.teacher import build
+from softcache.build import build
 
 OPTS = dict(k=8, temperatures=(1.0, 2.0), max_length=40, pack=True, batch_tokens=100, shard_tokens=300)
 ARGS = ["--k", "8", "--temperatures", "1,2", "--max-length", "40", "--pack", "--batch-tokens", "100",
         "--shard-tokens", "300", "-q"]
 DIE = """
 import os, signal, sys
-from softcache.format.backend import ShardWriter
+from softcache.format import ShardWriter
 write_batch = ShardWriter.write_batch
 def write_then_die(self, streams, n):  # rank 1: kill -9 with its shard 0 committed and shard 1 half written
     write_batch(self, streams, n)
@@ -51,7 +51,7 @@ def test_torchrun_two_ranks_equals_one_process(teacher, data, tmp_path):
     assert stdout.count("wrote") == 1  # one summary, from rank 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-")) == ["softcache.json"]
     two = softcache.open_cache(out)
-    assert two.manifest["metadata"]["complete"] and two.manifest["metadata"]["build"]["world_size"] == 2
+    assert two.manifest.build_state.complete and two.manifest.metadata["build"]["world_size"] == 2
     build(str(teacher), str(data), str(tmp_path / "one"), quiet=True, **OPTS)
     assert_same_cache(two, softcache.open_cache(tmp_path / "one"))
 
@@ -69,4 +69,4 @@ def test_torchrun_rank_killed_then_rerun_equals_one_process(teacher, data, tmp_p
 
 
 def two_complete(out) -> bool:
-    return softcache.open_cache(out).manifest["metadata"]["complete"]
+    return softcache.open_cache(out).manifest.build_state.complete

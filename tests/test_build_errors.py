@@ -12,7 +12,7 @@ from softcache.cli.main import main
 from test_build import TEXT, data, make_teacher, teacher, write_jsonl  # noqa: F401 - shared fixtures
 
 import softcache
-from softcache.teacher import build
+from softcache.build import build
 
 
 def test_missing_field_names_the_columns(teacher, data, tmp_path):
@@ -70,8 +70,8 @@ def test_nan_logits_name_the_sequence_or_are_skipped_and_counted(data, tmp_path)
         build(str(path), str(data), str(tmp_path / "c"), **opts)
     result = build(str(path), str(data), str(tmp_path / "c"), skip_bad=True, **opts)
     bad = [i for i, d in enumerate(docs) if poison in tok(d)["input_ids"][:64]]
-    meta = softcache.open_cache(tmp_path / "c").manifest["metadata"]
-    assert meta["skipped_bad"] == bad and result.skipped_bad == len(bad) and result.sequences == len(docs) - len(bad)
+    state = softcache.open_cache(tmp_path / "c").manifest.build_state
+    assert state.skipped_bad == bad and result.skipped_bad == len(bad) and result.sequences == len(docs) - len(bad)
 
 
 def test_cli_build_and_its_errors(teacher, data, tmp_path):

@@ -12,9 +12,9 @@ import pytest
 from test_build import assert_same_cache, data, teacher  # noqa: F401 - shared fixtures
 
 import softcache
-from softcache.build_dist import BuildConflictError
-from softcache.teacher import build
-from softcache.teacher_model import TeacherHead
+from softcache.build import build
+from softcache.build.teacher import TeacherHead
+from softcache.errors import BuildConflictError
 
 OPTS = dict(k=8, temperatures=(1.0, 2.0), max_length=40, pack=True, batch_tokens=100, shard_tokens=300, quiet=True)
 
@@ -30,8 +30,8 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted(teacher, data, refere
     out = tmp_path / "cache"
     script = textwrap.dedent(f"""
         import os, signal
-        from softcache.format.backend import ShardWriter
-        from softcache.teacher import build
+        from softcache.format import ShardWriter
+        from softcache.build import build
         write_batch = ShardWriter.write_batch
         def write_then_die(self, streams, n):  # kill -9 with shard 0 committed and shard 1 half written
             write_batch(self, streams, n)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 import softcache
 from softcache import CacheWriter, SoftTargetDataset, open_cache, reader
 from softcache.data import BatchGroupedSampler, Collator
-from softcache.teacher_model import vocab_fingerprint
+from softcache.identity import vocab_fingerprint
 
 V = 101  # odd
 K = 7  # odd
@@ -310,8 +310,8 @@ def test_batch_grouped_sampler_decodes_each_batch_once(topk, monkeypatch):
     sampler = BatchGroupedSampler(ds, seed=4)
     n_batches = sum(len(s["batches"]) for s in cache.manifest["shards"])
     decoded = []
-    real = reader.decode_batch
-    monkeypatch.setattr(reader, "decode_batch", lambda *a: decoded.append(1) or real(*a))
+    real = reader.Cache._decode
+    monkeypatch.setattr(reader.Cache, "_decode", lambda *a: decoded.append(1) or real(*a))
     orders = {}
     for epoch in (0, 1, 0):
         sampler.set_epoch(epoch)

@@ -1,4 +1,4 @@
-"""Cache.to_hf_dataset: a datasets.Dataset whose items equal SoftTargetDataset's, through map/filter/shuffle."""
+"""softcache.to_hf_dataset: a datasets.Dataset whose items equal SoftTargetDataset's, through map/filter/shuffle."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from test_data import make_cache
 from torch.utils.data import DataLoader
 
 import softcache
-from softcache import SoftTargetDataset
+from softcache import SoftTargetDataset, to_hf_dataset
 
 KEYS = ("input_ids", "attention_mask", "labels", "target_ids", "target_logprobs")
 
@@ -26,7 +26,7 @@ def same(row, item) -> bool:
 
 
 def test_items_match_the_dataset(cache):
-    hf = cache.to_hf_dataset(temperature=0.5, max_length=12)
+    hf = to_hf_dataset(cache, temperature=0.5, max_length=12)
     ref = SoftTargetDataset(cache, temperature=0.5, max_length=12)
     assert isinstance(hf, datasets.Dataset) and len(hf) == len(ref) and hf.column_names == ["index"]
     for i in range(len(hf)):
@@ -35,13 +35,13 @@ def test_items_match_the_dataset(cache):
     for n, i in enumerate(range(3, 7)):
         assert same({k: rows[k][n] for k in KEYS}, ref[i])
     with pytest.raises(ValueError, match="not captured"):
-        cache.to_hf_dataset(temperature=3.0)
-    retempered = cache.to_hf_dataset(temperature=3.0, retemper=True)
+        to_hf_dataset(cache, temperature=3.0)
+    retempered = to_hf_dataset(cache, temperature=3.0, retemper=True)
     assert same(retempered[5], SoftTargetDataset(cache, temperature=3.0, retemper=True)[5])
 
 
 def test_map_filter_shuffle_select_split(cache):
-    hf = cache.to_hf_dataset(temperature=2.0)
+    hf = to_hf_dataset(cache, temperature=2.0)
     ref = SoftTargetDataset(cache, temperature=2.0)
     mapped = hf.map(lambda ex: {"n": len(ex["input_ids"]), "top": int(ex["target_ids"][0, 0])})
     for i in range(len(hf)):
@@ -57,7 +57,7 @@ def test_map_filter_shuffle_select_split(cache):
 
 
 def test_multiprocess_map_and_pickling(cache):
-    hf = cache.to_hf_dataset(temperature=1.0)
+    hf = to_hf_dataset(cache, temperature=1.0)
     ref = SoftTargetDataset(cache)
     mapped = hf.map(lambda ex: {"n": len(ex["input_ids"])}, num_proc=2)
     assert mapped["n"] == [len(ref[i]["input_ids"]) for i in range(len(ref))]
@@ -66,7 +66,7 @@ def test_multiprocess_map_and_pickling(cache):
 
 
 def test_dataloader_and_removed_index(cache):
-    hf = cache.to_hf_dataset()
+    hf = to_hf_dataset(cache)
     ref = SoftTargetDataset(cache)
     batch = next(iter(DataLoader(hf, batch_size=5, collate_fn=softcache.collate)))
     expect = softcache.collate([ref[i] for i in range(5)])

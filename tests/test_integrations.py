@@ -27,7 +27,7 @@ LENGTHS = (17, 9, 23, 12, 5)
 @functools.cache
 def demo_cache_path(root) -> str:
     """The demo teacher's cache (18 sequences of 64 tokens), built once per session under ``root``."""
-    from softcache.teacher import build_demo
+    from softcache.build import build_demo
 
     out = str(root / "demo-cache")
     build_demo(out, quiet=True, limit=32, max_length=64)
@@ -165,7 +165,7 @@ def test_remove_unused_columns_keeps_the_targets(random_cache, tmp_path):
 
     ds = softcache.SoftTargetDataset(random_cache, temperature=2.0)
     table = datasets.Dataset.from_list([{**ds[i], "source": f"row {i}"} for i in range(len(ds))])
-    decoded = ds.cache.to_hf_dataset(temperature=2.0).shuffle(seed=0)
+    decoded = softcache.to_hf_dataset(ds.cache, temperature=2.0).shuffle(seed=0)
     args = arguments(tmp_path, remove_unused_columns=True, max_steps=2)
     for train, options in ((table, dict(temperature=2.0, vocab_size=V)), (decoded, {}), (ds, {})):
         trainer = DistillationTrainer(model=student(), args=args, train_dataset=train, **options)

@@ -4,12 +4,13 @@
 sharding, resumable) yield items with ``input_ids``, ``attention_mask``, ``labels`` and ``target_ids`` /
 ``target_logprobs`` at the dataset's temperature; ``collate`` pads them into torch tensors.
 ``BatchGroupedSampler`` shuffles a ``SoftTargetDataset`` without decoding a stored batch more than once.
-``Cache.to_hf_dataset`` gives the same items as a ``datasets.Dataset``.
+``to_hf_dataset`` gives the same items as a ``datasets.Dataset``.
 """
 
 from .checks import check_student
 from .collate import Collator, collate
 from .dataset import SoftTargetDataset
+from .hf_datasets import to_hf_dataset
 from .sampler import BatchGroupedSampler
 from .streaming import StreamingSoftTargetDataset
 
@@ -20,4 +21,5 @@ __all__ = [
     "StreamingSoftTargetDataset",
     "check_student",
     "collate",
+    "to_hf_dataset",
 ]

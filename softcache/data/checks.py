@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+from ..identity import vocab_fingerprint
+
 
 def _student_vocab_size(model, vocab_size: int | None) -> int:
     if vocab_size is not None:
@@ -31,7 +33,7 @@ def check_student(cache, model=None, *, vocab_size: int | None = None, tokenizer
     return value is the number of extra logits, which the trainer masks by slicing the logits to the
     cache's ``vocab_size``.
 
-    With ``tokenizer``, its vocabulary fingerprint (``softcache.teacher_model.vocab_fingerprint``) must
+    With ``tokenizer``, its vocabulary fingerprint (``softcache.identity.vocab_fingerprint``) must
     equal the one the cache recorded (``metadata.tokenizer.vocab_sha256``): a different tokenizer maps the
     same ids to different tokens. A cache without a fingerprint only warns.
     """
@@ -43,9 +45,7 @@ def check_student(cache, model=None, *, vocab_size: int | None = None, tokenizer
             f"tokenizer, or grow its vocabulary (model.resize_token_embeddings({cache.vocab_size}))"
         )
     if tokenizer is not None:
-        from ..teacher_model import vocab_fingerprint
-
-        recorded = (cache.manifest.get("metadata") or {}).get("tokenizer", {}).get("vocab_sha256")
+        recorded = (cache.manifest.metadata.get("tokenizer") or {}).get("vocab_sha256")
         if recorded is None:
             warnings.warn(
                 f"the cache {cache.url} records no tokenizer fingerprint, so the student's tokenizer cannot be "

@@ -1,4 +1,4 @@
-"""A Hugging Face ``datasets.Dataset`` view of a cache, decoded on access (``Cache.to_hf_dataset``)."""
+"""A Hugging Face ``datasets.Dataset`` view of a cache, decoded on access (``softcache.to_hf_dataset``)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ class DecodeTransform(CacheSource):
         return {**batch, **{key: [item[key] for item in items] for key in ITEM_KEYS}}
 
 
-def to_hf_dataset(cache, temperature: float = 1.0, max_length: int | None = None, retemper: bool = False):
-    """A ``datasets.Dataset`` with one row per sequence of ``cache``, holding only its ``index``; a transform
+def to_hf_dataset(cache_or_url, temperature: float = 1.0, max_length: int | None = None, retemper: bool = False,
+                  storage_options: dict | None = None):
+    """A ``datasets.Dataset`` with one row per sequence of the cache (a :class:`~softcache.Cache`, a path or an
+    fsspec URL), holding only its ``index``; a transform
     decodes each row on access into the item :class:`SoftTargetDataset` gives (same arguments).
 
     It takes 8 bytes per sequence in memory. ``map``, ``filter``, ``shuffle``, ``select`` and
@@ -36,5 +38,5 @@ def to_hf_dataset(cache, temperature: float = 1.0, max_length: int | None = None
     """
     import datasets
 
-    decode = DecodeTransform(cache, temperature, max_length, retemper, None)
-    return datasets.Dataset.from_dict({"index": np.arange(len(cache), dtype=np.int64)}).with_transform(decode)
+    decode = DecodeTransform(cache_or_url, temperature, max_length, retemper, storage_options)
+    return datasets.Dataset.from_dict({"index": np.arange(len(decode.cache), dtype=np.int64)}).with_transform(decode)

@@ -25,7 +25,7 @@ class BatchGroupedSampler(Sampler[int]):
     def __init__(self, dataset, seed: int = 0, group: int = 4) -> None:
         if not isinstance(group, (int, np.integer)) or group < 1:
             raise ValueError(f"group must be a positive integer, got {group!r}")
-        counts = [n for shard in dataset.cache.manifest["shards"] for n in shard["batches"]]
+        counts = [n for shard in dataset.cache.manifest.shards for n in shard.batches]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.seed, self.group, self.epoch = int(seed), int(group), 0
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..reader import Cache, open_cache, tempered
+from ..reader import Cache, open_cache
 from .checks import check_student
 
 
@@ -31,18 +31,18 @@ class Tempering:
         if not (np.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature}")
         self.temperature = temperature
+        self.kind = cache.kind
         self.column: int | None = None
         self.retemper = False
         captured = cache.captured_column(temperature)
-        if cache.targets_kind == "sampled":
-            if captured is None:
-                raise ValueError(
-                    f"temperature={temperature}: the sampled cache {cache.url} was drawn at temperature "
-                    f"{cache.temperatures[0]} and can only be used there (retemper does not apply to samples); "
-                    f"use temperature={cache.temperatures[0]}, or rebuild the cache with --temperatures {temperature}"
-                )
-        elif captured is not None:
+        if captured is not None:
             self.column = captured
+        elif not cache.kind.can_retemper:
+            raise ValueError(
+                f"temperature={temperature}: the sampled cache {cache.url} was drawn at temperature "
+                f"{cache.temperatures[0]} and can only be used there (retemper does not apply to samples); "
+                f"use temperature={cache.temperatures[0]}, or rebuild the cache with --temperatures {temperature}"
+            )
         elif retemper:
             self.retemper = True
         else:
@@ -56,9 +56,7 @@ class Tempering:
     def __call__(self, target_ids: np.ndarray, target_logprobs: np.ndarray, lognorm: np.ndarray) -> np.ndarray:
         """Log-probs (L, k) float32 at the temperature, 0 at padding (id −1); a new array."""
         if self.column is not None:
-            return tempered(target_ids, target_logprobs, lognorm[:, self.column], self.temperature)
-        if not self.retemper:
-            return target_logprobs.copy()
+            return self.kind.tempered(target_ids, target_logprobs, lognorm[:, self.column], self.temperature)
         pad = target_ids < 0
         scaled = np.where(pad, -np.inf, target_logprobs / np.float32(self.temperature))
         top = np.max(scaled, axis=1, keepdims=True)
@@ -118,10 +116,10 @@ class CacheSource:
     def item(self, i: int) -> dict[str, np.ndarray]:
         """Sequence ``i`` of the cache as an item."""
         cache = self.cache
-        shard, batch, j = cache._locate(i)
-        return self._item(cache._decode(shard, batch), j)
+        shard, batch, j = cache.locate(i)
+        return self.item_from_batch(cache.decoded_batch(shard, batch), j)
 
-    def _item(self, decoded: dict[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
+    def item_from_batch(self, decoded: dict[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
         """Sequence ``j`` of a decoded batch as an item."""
         a, b = int(decoded["offsets"][j]), int(decoded["offsets"][j + 1])
         if self.max_length is not None:

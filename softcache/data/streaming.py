@@ -12,25 +12,11 @@ one would have yielded, in the same order.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..ranks import rank_world
 from .source import CacheSource
-
-
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """The arguments, else torch.distributed when initialised, else $RANK/$WORLD_SIZE, else (0, 1)."""
-    if rank is None and world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if rank is None or world_size is None or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}; pass both or neither")
-    return int(rank), int(world_size)
 
 
 class StreamingSoftTargetDataset(CacheSource, IterableDataset):
@@ -99,8 +85,8 @@ class StreamingSoftTargetDataset(CacheSource, IterableDataset):
     def _plan(self, epoch: int, slot: tuple[int, int, int, int]) -> list[tuple[int, int, int]]:
         """(shard, batch, sequences to take) for the reader ``slot`` = (rank, world, worker, workers)."""
         rank, world, worker, workers = slot
-        shards = self.cache.manifest["shards"]
-        units = [(s, b, n) for s, shard in enumerate(shards) for b, n in enumerate(shard["batches"])]
+        shards = self.cache.manifest.shards
+        units = [(s, b, n) for s, shard in enumerate(shards) for b, n in enumerate(shard.batches)]
         units = np.array(units, np.int64).reshape(-1, 3)
         if self.shuffle:
             units = units[np.random.default_rng([self.seed, epoch]).permutation(len(units))]
@@ -123,7 +109,7 @@ class StreamingSoftTargetDataset(CacheSource, IterableDataset):
     # -- iteration -------------------------------------------------------------------------------
 
     def __iter__(self):
-        rank, world = _rank_world(self.rank, self.world_size)
+        rank, world = rank_world(self.rank, self.world_size)
         info = get_worker_info()
         slot = (rank, world, info.id, info.num_workers) if info is not None else (rank, world, 0, 1)
         plan = self._plan(self.epoch, slot)
@@ -147,7 +133,7 @@ class StreamingSoftTargetDataset(CacheSource, IterableDataset):
         items: list = [None] * len(refs)
         for n in sorted(range(len(refs)), key=lambda n: refs[n]):
             unit, j = refs[n]
-            items[n] = self._item(self.cache._decode(*plan[unit][:2]), j)
+            items[n] = self.item_from_batch(self.cache.decoded_batch(*plan[unit][:2]), j)
         return items
 
     def _run(self, plan, live):
@@ -155,10 +141,10 @@ class StreamingSoftTargetDataset(CacheSource, IterableDataset):
         rng, refs, items = live["rng"], live["refs"], live["items"]
         while live["unit"] < len(plan):
             shard, batch, take = plan[live["unit"]]
-            decoded = self.cache._decode(shard, batch) if live["position"] < take else None
+            decoded = self.cache.decoded_batch(shard, batch) if live["position"] < take else None
             while live["position"] < take:
                 ref = (live["unit"], live["position"])
-                item = self._item(decoded, live["position"])
+                item = self.item_from_batch(decoded, live["position"])
                 live["position"] += 1
                 if len(items) < size:
                     refs.append(ref)

@@ -24,7 +24,7 @@ What it changes in ``transformers.Trainer``:
   So two micro-batches of 2 give exactly the gradient of one batch of 4.
 
 Datasets: a :class:`~softcache.SoftTargetDataset` (also inside ``torch.utils.data.Subset``), a
-``Cache.to_hf_dataset()`` (its ``index`` column is kept), or any dataset of such items (a ``datasets.Dataset`` built
+``softcache.to_hf_dataset`` (its ``index`` column is kept), or any dataset of such items (a ``datasets.Dataset`` built
 from them: pass ``temperature=`` and, for a padded student, ``vocab_size=``). Under ``torchrun`` give the Trainer a
 map-style dataset, which it shards with a ``DistributedSampler``; ``StreamingSoftTargetDataset`` shards itself by
 rank, and accelerate shards iterable datasets again (or, with ``dispatch_batches``, reads them on rank 0 only), so
@@ -36,14 +36,14 @@ Evaluation (``trainer.evaluate()``) reports ``eval_loss``, the same loss average
 ``torchrun``.
 
 TRL: the loss lives in :class:`DistillationMixin`, so it combines with any ``Trainer`` subclass. TRL's SFTTrainer
-takes only ``datasets`` datasets; ``Cache.to_hf_dataset`` gives one (tried with trl 1.16: bf16 autocast, logs) ::
+takes only ``datasets`` datasets; ``softcache.to_hf_dataset`` gives one (tried with trl 1.16: bf16 autocast, logs) ::
 
     from trl import SFTConfig, SFTTrainer
 
     class DistillSFTTrainer(DistillationMixin, SFTTrainer):
         pass
 
-    train = softcache.open_cache("cache/").to_hf_dataset(temperature=2.0)
+    train = softto_hf_dataset(cache, "cache/", temperature=2.0)
     trainer = DistillSFTTrainer(model=student, args=SFTConfig(..., dataset_kwargs={"skip_prepare_dataset": True}),
                                 train_dataset=train, processing_class=tokenizer, alpha=0.5)
 
@@ -65,7 +65,7 @@ TARGET_COLUMNS = ("target_ids", "target_logprobs")
 
 
 def _decoder(dataset):
-    """The decoding transform of a ``Cache.to_hf_dataset()`` (it knows the cache), or None."""
+    """The decoding transform of a ``softcache.to_hf_dataset`` (it knows the cache), or None."""
     transform = (getattr(dataset, "format", None) or {}).get("format_kwargs", {}).get("transform")
     return transform if callable(getattr(transform, "check_student", None)) else None
 

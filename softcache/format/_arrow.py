@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from fsspec.implementations.local import LocalFileSystem
 
-from .backend import Backend, ShardReader, ShardWriter, batch_crc
-from .manifest import CorruptShardError
+from ..errors import CorruptShardError
+from .base import Backend, ShardReader, ShardWriter, batch_crc
 
 _HEADER_KEY = b"softcache.header"
 _HEADER_CRC_KEY = b"softcache.header-crc32"  # the header is not covered by the per-batch CRC; zstd has no checksum

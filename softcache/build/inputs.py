@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
+
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as given; the message names the file, column or row and the fix."""
 
 
 def _builder_for(path: str) -> str | None:

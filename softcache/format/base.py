@@ -1,4 +1,4 @@
-"""One interface for shard storage; Arrow IPC and Zarr v3 implement it (``arrow.py``, ``zarr.py``).
+"""One interface for shard storage; Arrow IPC and Zarr v3 implement it (``_arrow.py``, ``_zarr.py``).
 
 A shard is a sequence of *batches*; a batch is a dict of named 1-D ``uint8`` streams (the codec's
 output) that the backend stores compressed. Each shard also holds a small *header* of named streams
@@ -16,7 +16,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from .manifest import CorruptShardError
+from ..errors import CorruptShardError
+from .fs import join, tmp_name
 
 
 def batch_crc(streams: dict[str, np.ndarray]) -> int:
@@ -25,14 +26,6 @@ def batch_crc(streams: dict[str, np.ndarray]) -> int:
         crc = zlib.crc32(name.encode(), crc)
         crc = zlib.crc32(np.ascontiguousarray(streams[name], np.uint8).data, crc)
     return crc
-
-
-def join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}"
-
-
-def tmp_name(name: str) -> str:
-    return f".{name}.tmp"
 
 
 def shard_digest(fs, path: str) -> tuple[int, str]:
@@ -137,18 +130,3 @@ class Backend:
     def open(self, fs, root: str, name: str) -> ShardReader:
         return self.reader(fs, root, name)
 
-
-BACKENDS = ("arrow", "zarr")
-
-
-def get_backend(name: str) -> Backend:
-    """The backend called ``name``; each is imported only when asked for."""
-    if name == "arrow":
-        from .arrow import ArrowBackend
-
-        return ArrowBackend()
-    if name == "zarr":
-        from .zarr import ZarrBackend
-
-        return ZarrBackend()
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -52,12 +52,12 @@ def batches(lengths: np.ndarray, start: int, end: int, batch_tokens: int) -> lis
 
 class BackgroundWriter:
     """Hands finished sequences to a :class:`~softcache.CacheWriter` on a thread, in dataset order, so
-    that the teacher does not wait for encoding and disk. ``skipped`` (a list stored in the manifest's
-    metadata) records sequences dropped by ``--skip-bad`` in the same order, so each saved manifest counts
-    exactly the sequences consumed up to its last committed shard."""
+    that the teacher does not wait for encoding and disk. Sequences dropped by ``--skip-bad`` are recorded
+    in the writer's build state in the same order, so each saved manifest counts exactly the sequences
+    consumed up to its last committed shard. Only this thread touches the writer while it runs."""
 
-    def __init__(self, writer, targets_kind: str, skipped: list, max_pending: int = 4) -> None:
-        self.writer, self.targets_kind, self.skipped = writer, targets_kind, skipped
+    def __init__(self, writer, max_pending: int = 4) -> None:
+        self.writer = writer
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="softcache-writer", daemon=True)
@@ -89,11 +89,9 @@ class BackgroundWriter:
             while (items := self._queue.get()) is not None:
                 for index, input_ids, result in items:
                     if result is None:
-                        self.skipped.append(int(index))
-                    elif self.targets_kind == "topk":
-                        self.writer.write_targets(input_ids, result[0], result[1], lognorm=result[2])
+                        self.writer.manifest.build_state.skipped_bad.append(int(index))
                     else:
-                        self.writer.write_targets(input_ids, result[0], counts=result[1])
+                        self.writer.write_values(input_ids, *result)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self._error = e
             while self._queue.get() is not None:  # drain so that the producer never blocks forever

@@ -1,15 +1,15 @@
 """The teacher pass behind ``softcache build``: a Hugging Face causal LM over a dataset → a cache.
 
-``build(teacher, data, out, ...)`` loads the teacher and the data (:mod:`.data_sources`), cuts the
-sequences into windows and length-grouped batches (:mod:`.build_plan`), runs the model body and the output
-layer in row chunks (:mod:`.teacher_model`) under ``torch.inference_mode``, and hands the targets to a
+``build(teacher, data, out, ...)`` loads the teacher and the data (:mod:`.inputs`), cuts the
+sequences into windows and length-grouped batches (:mod:`.plan`), runs the model body and the output
+layer in row chunks (:mod:`.teacher`) under ``torch.inference_mode``, and hands the targets to a
 :class:`~softcache.CacheWriter` on a background thread.
 
 Resumable: the manifest records the build's settings; rerunning the same build continues after the last
 committed shard, with the same batches, so the cache ends with the same content as an uninterrupted run.
 A different build on an existing cache is refused unless ``overwrite``. Under ``torchrun`` each rank
 builds a contiguous part of the windows into ``OUT/rank-RRRRR-of-WWWWW/``; rank 0 then copies those shards,
-in rank order, into the cache (see :mod:`.build_dist`).
+in rank order, into the cache (see :mod:`.distributed`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__
-from .build_dist import Dist, merge_rank_caches, prepare_out, rank_path
-from .build_plan import BackgroundWriter, batches, rank_windows, windows
-from .data_sources import Sequences, load_rows, tokenize
-from .format import save_manifest
-from .teacher_model import TeacherError, TeacherHead, config_hash, load_teacher, resolve_device, resolve_dtype
-from .teacher_model import vocab_fingerprint as _vocab_fingerprint
-from .writer import CacheWriter
+from .._version import __version__
+from ..errors import TeacherError
+from ..format import BuildState, Manifest
+from ..identity import config_hash, vocab_fingerprint
+from ..kinds import get_kind
+from ..sparsify import Sparsifier
+from ..writer import CacheWriter
+from .distributed import Dist, merge_rank_caches, prepare_out, rank_path
+from .gguf import teacher_info as gguf_teacher_info
+from .inputs import Sequences, load_rows, tokenize
+from .plan import BackgroundWriter, batches, rank_windows, windows
+from .teacher import TeacherHead, load_teacher, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -105,7 +109,7 @@ def build(
         raise ValueError("--targets sampled needs --samples N (draws per position, e.g. 50)")
 
     model, tokenizer = load_teacher(teacher, revision, trust_remote_code, torch_dtype, dev, show)
-    head = TeacherHead(model, k, targets, temps, samples, seed)
+    head = TeacherHead(model, Sparsifier(get_kind(targets), k, tuple(temps), samples, seed))
     vocab = head.vocab_size
     if len(tokenizer) > vocab:
         raise TeacherError(
@@ -128,24 +132,25 @@ def build(
                     shard_tokens=shard_tokens, batch_tokens=min(4096, max(1, shard_tokens // 4)), seed=seed)
     build_id = {
         "teacher_config_sha256": config_hash(model.config),
-        "tokenizer_vocab_sha256": _vocab_fingerprint(tokenizer),
+        "tokenizer_vocab_sha256": vocab_fingerprint(tokenizer),
         "data": os.path.abspath(data) if os.path.exists(data) else data,
         "split": split, "field": field, "limit": limit, "chat_template": chat_template, "max_length": max_length,
         "pack": pack, "k": k, "targets": targets, "samples": samples, "temperatures": temps,
         "batch_tokens": batch_tokens, "dtype": str(torch_dtype).removeprefix("torch."), "backend": backend,
         "shard_tokens": shard_tokens, "seed": seed, "world_size": dist.world,
     }
+    gguf = gguf_teacher_info(teacher)  # file name, sha256, quantisation; None unless --teacher is a GGUF file
+    if gguf is not None:  # another file (another quantisation) is another build, even with the same config
+        build_id["teacher_gguf_sha256"] = gguf["sha256"]
     metadata = {
         "teacher": {"path": os.path.abspath(teacher) if os.path.exists(teacher) else teacher, "revision": revision,
                     "class": type(model).__name__, "config_sha256": build_id["teacher_config_sha256"],
-                    "dtype": build_id["dtype"], "vocab_size": vocab},
+                    "dtype": build_id["dtype"], "vocab_size": vocab, **({"gguf": gguf} if gguf else {})},
         "tokenizer": {"vocab_sha256": build_id["tokenizer_vocab_sha256"], "size": len(tokenizer)},
         "softcache_version": __version__,
         "command": command if command is not None else shlex.join(sys.argv),
         "build": build_id,
         "data": {"rows": len(rows), "empty_rows": docs.empty_rows, "sequences": len(seqs), "tokens": seqs.num_tokens},
-        "skipped_bad": [],
-        "complete": False,
     }
     result = BuildResult(out=out, skipped_empty=docs.empty_rows, is_main=dist.rank == 0)
     done = prepare_out(out, metadata, settings, overwrite, dist)
@@ -155,27 +160,27 @@ def build(
     path = out if dist.world == 1 else rank_path(out, dist.rank, dist.world)
     wins = rank_windows(windows(seqs.lengths, 8 * batch_tokens), seqs.lengths, dist.rank, dist.world)
     with CacheWriter(path, **settings, metadata=metadata) as writer:
-        meta = writer.manifest["metadata"]
-        if not meta.get("complete"):
+        state = writer.manifest.build_state = writer.manifest.build_state or BuildState()
+        if not state.complete:
             first = wins[0][0] if wins else 0
-            resume_at = first + writer.num_sequences + len(meta["skipped_bad"])
+            resume_at = first + writer.num_sequences + len(state.skipped_bad)
             result.resumed_sequences = resume_at - first
-            result.built_tokens = _run(head, seqs, wins, resume_at, writer, meta, batch_tokens, skip_bad, show)
+            result.built_tokens = _run(head, seqs, wins, resume_at, writer, batch_tokens, skip_bad, show)
             writer.flush()
-            meta["complete"] = True
-            save_manifest(writer.fs, writer.root, writer.manifest)
+            state.complete = True
+            writer.save_manifest()
     final = merge_rank_caches(out, settings, dist) if dist.world > 1 else writer.manifest
     return _finish(result, final, t0)
 
 
-def _run(head, seqs, wins, resume_at, writer, meta, batch_tokens, skip_bad, show) -> int:
+def _run(head, seqs, wins, resume_at, writer, batch_tokens, skip_bad, show) -> int:
     """Compute and write every sequence ≥ ``resume_at`` of ``wins``; returns the tokens written."""
     from tqdm.auto import tqdm
 
     todo = [(max(a, resume_at), b) for a, b in wins if b > resume_at]
     total = int(sum(seqs.lengths[a:b].sum() for a, b in todo))
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="teacher", disable=not show, dynamic_ncols=True)
-    bg = BackgroundWriter(writer, head.targets_kind, meta["skipped_bad"])
+    bg = BackgroundWriter(writer)
     pad = 0
     written = 0
     try:
@@ -197,7 +202,7 @@ def _run(head, seqs, wins, resume_at, writer, meta, batch_tokens, skip_bad, show
                 new = sum(n for i, n in zip(group, lengths, strict=True) if i >= resume_at)
                 written += new
                 bar.update(new)
-                bar.set_postfix(shards=len(writer.manifest["shards"]), refresh=False)
+                bar.set_postfix(shards=len(writer.manifest.shards), refresh=False)
             todo_here = range(max(a, resume_at), b)
             first_bad = next((i for i in todo_here if results[i] is None), None)
             if first_bad is not None and not skip_bad:
@@ -214,13 +219,12 @@ def _run(head, seqs, wins, resume_at, writer, meta, batch_tokens, skip_bad, show
     return written
 
 
-def _finish(result: BuildResult, manifest: dict, t0: float, already: bool = False) -> BuildResult:
-    shards = manifest["shards"]
-    result.sequences = sum(s["sequences"] for s in shards)
-    result.tokens = sum(s["tokens"] for s in shards)
-    result.shards = len(shards)
-    result.bytes = sum(s["bytes"] for s in shards)
-    result.skipped_bad = len(manifest["metadata"].get("skipped_bad", []))
+def _finish(result: BuildResult, manifest: Manifest, t0: float, already: bool = False) -> BuildResult:
+    result.sequences = manifest.num_sequences
+    result.tokens = manifest.num_tokens
+    result.shards = len(manifest.shards)
+    result.bytes = manifest.num_bytes
+    result.skipped_bad = len(manifest.build_state.skipped_bad) if manifest.build_state else 0
     result.seconds = time.perf_counter() - t0
     result.already_complete = already
     return result
@@ -228,7 +232,7 @@ def _finish(result: BuildResult, manifest: dict, t0: float, already: bool = Fals
 
 def build_demo(out: str = "softcache-demo", *, quiet: bool = False, limit: int | None = None, **options) -> BuildResult:
     """The embedded default: the shipped demo teacher over the shipped held-out corpus (see softcache/demo)."""
-    from .demo import DEMO_BUILD, corpus_path, teacher_path
+    from ..demo import DEMO_BUILD, corpus_path, teacher_path
 
     kwargs = {**DEMO_BUILD, **options}
     if limit is not None:

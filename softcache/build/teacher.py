@@ -1,27 +1,24 @@
 """The teacher side of the build: load a Hugging Face causal LM, run its body, and turn hidden states
 into sparse targets through the output layer in row chunks, so (batch × length × V) logits never exist.
 
-``TeacherHead.targets`` computes, on the model's device, per row: top-k ids and log-probs at T=1 and the
-normalisers ``n_τ = logsumexp(z/τ) − logsumexp(z)/τ`` (topk), or ``samples`` draws at the capture
-temperature reduced to unique ids and counts (sampled). Draws use one generator per sequence, seeded by
-(seed, sequence index), and are consumed per row, so they do not depend on batching or chunking.
+``TeacherHead.batch_targets`` runs the body over a batch and hands the output layer's logits, a row chunk at a
+time on the model's device, to a :class:`~softcache.sparsify.Sparsifier` (the same one ``CacheWriter.write_logits``
+uses), so a build and the writer store the same targets for the same logits and seed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..errors import TeacherError
+from ..sparsify import Sparsifier
+from .gguf import find_gguf, load_gguf
+
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
-
-
-class TeacherError(ValueError):
-    """The teacher cannot be used as given; the message says why and what to change."""
 
 
 def resolve_device(device: str | None, local_rank: int | None = None) -> str:
@@ -40,17 +37,6 @@ def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def config_hash(config) -> str:
-    d = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "dtype")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def vocab_fingerprint(tokenizer) -> str:
-    """SHA-256 of the tokenizer's vocabulary (token → id, added tokens included)."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
-
-
 def load_teacher(path: str, revision: str | None, trust_remote_code: bool, dtype: torch.dtype, device: str,
                  progress: bool = False):
     """→ (model, tokenizer); ``device == "map"`` spreads the model over the GPUs with ``device_map="auto"``."""
@@ -67,6 +53,10 @@ def load_teacher(path: str, revision: str | None, trust_remote_code: bool, dtype
         if importlib.util.find_spec("accelerate") is None:
             raise TeacherError("--device map spreads the teacher with device_map='auto', which needs accelerate: "
                                "pip install accelerate")
+    if (gguf_file := find_gguf(path)) is not None:  # a llama.cpp GGUF file, de-quantised to dtype
+        model, tokenizer = load_gguf(gguf_file, dtype, device)
+        model.eval()
+        return model, tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if device == "map":
@@ -88,11 +78,7 @@ class TeacherHead:
     """The body/output-layer split of a causal LM and the target computation over row chunks."""
 
     model: torch.nn.Module
-    k: int
-    targets_kind: str
-    temperatures: list[float]
-    samples: int | None
-    seed: int
+    sparsifier: Sparsifier
     chunk_elements: int = 1 << 24
 
     def __post_init__(self) -> None:
@@ -159,22 +145,17 @@ class TeacherHead:
         h = self.hidden(input_ids, mask)
         rows = h[mask.to(h.device).bool()]  # (N, H) valid positions, sequence after sequence
         owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
-        uniforms = self._uniforms(lengths, seq_index, rows.device) if self.targets_kind == "sampled" else None
+        uniforms = self.sparsifier.uniforms(lengths, seq_index, rows.device)
         step = max(1, self.chunk_elements // self.vocab_size)
         ids, vals, norms, bad = [], [], [], torch.zeros(len(lengths), dtype=torch.bool)
         for a in range(0, rows.shape[0], step):
-            z = self.logits(rows[a : a + step])
-            broken = torch.isnan(z).any(-1) | torch.isposinf(z).any(-1) | torch.isneginf(z).all(-1)
-            if bool(broken.any()):
-                bad[owner[a : a + step][broken.cpu()]] = True
-                z = torch.where(broken[:, None], torch.zeros_like(z), z)
-            if self.targets_kind == "topk":
-                i, v, n = self._topk(z)
-                norms.append(n)
-            else:
-                i, v = self._sample(z, uniforms[a : a + step])
+            u = None if uniforms is None else uniforms[a : a + step]
+            i, v, n, broken = self.sparsifier.rows(self.logits(rows[a : a + step]), u)
+            bad[owner[a : a + step][broken.cpu()]] = True
             ids.append(i)
             vals.append(v)
+            if n is not None:
+                norms.append(n)
         ids = torch.cat(ids).cpu().numpy()
         vals = torch.cat(vals).cpu().numpy()
         norms = torch.cat(norms).cpu().double().numpy() if norms else None
@@ -184,30 +165,3 @@ class TeacherHead:
             s = slice(end - lengths[b], end)
             out.append((ids[s], vals[s], None if norms is None else norms[s]))
         return out, [b for b in range(len(lengths)) if bad[b]]
-
-    def _topk(self, z: torch.Tensor):
-        lse = torch.logsumexp(z, -1)
-        vals, idx = torch.topk(z, self.k, dim=-1)
-        idx = torch.where(torch.isneginf(vals), -1, idx).int()
-        lp = torch.where(idx >= 0, vals - lse[:, None], 0.0)
-        n = torch.stack(
-            [torch.zeros_like(lse) if t == 1.0 else torch.logsumexp(z / t, -1) - lse / t for t in self.temperatures], -1
-        )  # n_1 = 0 by definition: one pass over V saved
-        return idx, lp, n
-
-    def _uniforms(self, lengths: list[int], seq_index: list[int], device) -> torch.Tensor:
-        out = []
-        for length, index in zip(lengths, seq_index, strict=True):
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0] >> 1))
-            out.append(torch.rand((length, self.samples), generator=gen, dtype=torch.float64))
-        return torch.cat(out).to(device)
-
-    def _sample(self, z: torch.Tensor, u: torch.Tensor):
-        """Inverse-CDF draws (float64 CDF) → unique ids by count, descending, and their counts."""
-        cdf = torch.cumsum(torch.softmax(z.double() / self.temperatures[0], -1), -1)
-        draws = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=z.shape[-1] - 1)
-        tally = torch.zeros(z.shape, dtype=torch.int32, device=z.device)
-        tally.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.int32))
-        counts, idx = torch.topk(tally, min(self.k, z.shape[-1]), dim=-1)
-        return torch.where(counts > 0, idx, -1).int(), counts

@@ -10,19 +10,17 @@ where it stopped: the shards already copied are exactly the first ones in rank o
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
 import torch
 
-from .format import MANIFEST_NAME, load_manifest, save_manifest
-from .format.backend import join
-from .reader import open_cache
-from .writer import CacheWriter, open_fs
-
-
-class BuildConflictError(ValueError):
-    """``--out`` holds something this build must not write into."""
+from ..errors import BuildConflictError
+from ..format import MANIFEST_NAME, BuildState, Manifest, join, load_manifest, open_fs
+from ..ranks import rank_world
+from ..reader import open_cache
+from ..writer import CacheWriter
 
 
 @dataclass
@@ -43,7 +41,7 @@ class Dist:
             if use_nccl:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             td.init_process_group(backend="nccl" if use_nccl else "gloo")
-        return cls(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(*rank_world(), int(os.environ.get("LOCAL_RANK", "0")))
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -61,7 +59,7 @@ def _differences(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys)
 
 
-def prepare_out(out: str, metadata: dict, settings: dict, overwrite: bool, dist: Dist) -> dict | None:
+def prepare_out(out: str, metadata: dict, settings: dict, overwrite: bool, dist: Dist) -> Manifest | None:
     """Check ``out`` before building. Returns the manifest when the same build is already complete, else
     None (new, or to be resumed). A cache of a different build is refused, or deleted with ``overwrite``;
     anything else that is not empty is refused."""
@@ -69,7 +67,7 @@ def prepare_out(out: str, metadata: dict, settings: dict, overwrite: bool, dist:
     if dist.rank == 0:
         if fs.exists(join(root, MANIFEST_NAME)):
             manifest = load_manifest(fs, root)
-            old = (manifest.get("metadata") or {}).get("build")
+            old = manifest.metadata.get("build")
             if old != metadata["build"]:
                 if not overwrite:
                     new = metadata["build"]
@@ -84,37 +82,34 @@ def prepare_out(out: str, metadata: dict, settings: dict, overwrite: bool, dist:
                 f"{out} exists, is not empty and is not a softcache cache; choose a new or empty --out "
                 "(--overwrite only replaces softcache caches)"
             )
-        if dist.world > 1:
-            CacheWriter(out, **settings, metadata=metadata).close()  # the root manifest, before any rank folder
+        if dist.world > 1:  # the root manifest, before any rank folder: an unfinished build
+            with CacheWriter(out, **settings, metadata=metadata) as root_writer:
+                root_writer.manifest.build_state = root_writer.manifest.build_state or BuildState()
+                root_writer.save_manifest()
     dist.barrier()
     manifest = load_manifest(fs, root) if fs.exists(join(root, MANIFEST_NAME)) else None
-    if manifest is not None and manifest["metadata"].get("complete"):
+    if manifest is not None and manifest.build_state is not None and manifest.build_state.complete:
         if dist.rank == 0:
             _remove_rank_folders(fs, out, dist.world)
         return manifest
     return None
 
 
-def merge_rank_caches(out: str, settings: dict, dist: Dist) -> dict:
+def merge_rank_caches(out: str, settings: dict, dist: Dist) -> Manifest:
     """Rank 0 copies every rank's shards into ``out`` in rank order; all ranks return the final manifest."""
     dist.barrier()
     fs, root = open_fs(out)
     if dist.rank == 0:
         with CacheWriter(out, **settings) as writer:
-            copied, n, skipped = len(writer.manifest["shards"]), 0, []
-            for r in range(dist.world):
-                sub = open_cache(rank_path(out, r, dist.world))
-                for s, entry in enumerate(sub.manifest["shards"]):
-                    if n >= copied:
-                        reader = sub._reader(s)
-                        batches = ((m, reader.read_batch(b)) for b, m in enumerate(entry["batches"]))
-                        writer.copy_shard(reader.header, batches, entry)
-                    n += 1
-                skipped += sub.manifest["metadata"]["skipped_bad"]
-                sub.close()
-            meta = writer.manifest["metadata"]
-            meta["skipped_bad"], meta["complete"] = skipped, True
-            save_manifest(writer.fs, writer.root, writer.manifest)
+            skipped = []
+            ranks = [open_cache(rank_path(out, r, dist.world)) for r in range(dist.world)]
+            shards = itertools.chain.from_iterable(rank.encoded_shards() for rank in ranks)
+            writer.copy_shards(itertools.islice(shards, len(writer.manifest.shards), None))  # resumes a killed merge
+            for rank in ranks:
+                skipped += rank.manifest.build_state.skipped_bad
+                rank.close()
+            writer.manifest.build_state = BuildState(complete=True, skipped_bad=skipped)
+            writer.save_manifest()
         _remove_rank_folders(fs, out, dist.world)
     dist.barrier()
     return load_manifest(fs, root)

@@ -32,8 +32,8 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from .backend import Backend, ShardReader, ShardWriter, batch_crc
-from .manifest import CorruptShardError
+from ..errors import CorruptShardError
+from .base import Backend, ShardReader, ShardWriter, batch_crc
 
 _FORMAT = "softcache-shard"
 _VERSION = 1

@@ -1,0 +1,57 @@
+"""``softcache verify``: every shard present, of the recorded size and SHA-256, every batch's CRC, and every batch
+decoding to the counts the manifest records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import CorruptShardError
+from ..format import join, shard_digest
+from ..reader import Cache
+
+
+@dataclass
+class VerifyReport:
+    shards_checked: int = 0
+    batches_checked: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path_or_url, storage_options: dict | None = None, decode: bool = True, progress=None) -> VerifyReport:
+    """Check every shard: present, size and SHA-256 as in the manifest, every batch's CRC, and (with
+    ``decode``) that every batch decodes to the counts the manifest records. Problems are collected,
+    each naming its shard; the manifest itself must load (else :class:`CacheFormatError`)."""
+    cache = Cache(path_or_url, storage_options=storage_options, max_cached_batches=1)
+    fs, root = cache.fs, cache.root
+    report = VerifyReport()
+    for s, entry in enumerate(cache.manifest.shards):
+        name = entry.file
+        report.shards_checked += 1
+        if progress is not None:
+            progress(s, name)
+        path = join(root, name)
+        if not fs.exists(path):
+            report.problems.append((name, "missing"))
+            continue
+        size, digest = shard_digest(fs, path)
+        if size != entry.bytes or digest != entry.sha256:
+            report.problems.append((name, f"checksum mismatch ({size} bytes, manifest says {entry.bytes})"))
+            continue
+        try:
+            tokens = 0
+            for b in range(len(entry.batches)):
+                if decode:
+                    tokens += len(cache.decoded_batch(s, b)["input_ids"])
+                else:
+                    cache.shard(s).read_batch(b)
+                report.batches_checked += 1
+            if decode and tokens != entry.tokens:
+                report.problems.append((name, f"holds {tokens} tokens, the manifest says {entry.tokens}"))
+        except (CorruptShardError, ValueError, IndexError) as e:
+            report.problems.append((name, str(e)))
+    cache.close()
+    return report
