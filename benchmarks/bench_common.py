@@ -173,7 +173,7 @@ def header_bytes(cache, path: str) -> int:
     metadata, twice: at the start of the stream and again in the footer)."""
     total = 0
     for s, shard in enumerate(cache.manifest["shards"]):
-        head = cache._reader(s).header["id_order"]
+        head = cache.shard(s).header["id_order"]
         blob = pa.compress(np.ascontiguousarray(head), "zstd", asbytes=True)
         with open(os.path.join(path, shard["file"]), "rb") as f:
             total += len(blob) * f.read().count(blob)

@@ -139,9 +139,9 @@ def stages(cache_dir: str, repeats: int) -> dict[str, float]:
         for s, b in units:
             cache._decoded.clear()
             t0 = time.process_time()
-            decoded = cache._decode(s, b)
+            decoded = cache.decoded_batch(s, b)
             t1 = time.process_time()
-            items = [ds._item(decoded, j) for j in range(len(decoded["offsets"]) - 1)]
+            items = [ds.item_from_batch(decoded, j) for j in range(len(decoded["offsets"]) - 1)]
             t2 = time.process_time()
             softcache.collate(items)
             t3 = time.process_time()
