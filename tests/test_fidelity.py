@@ -1,5 +1,8 @@
-"""The fidelity study (benchmarks/fidelity): its metrics against plain references, and ``--quick`` end to end."""
+"""The fidelity studies (benchmarks/fidelity): their metrics against plain references, ``run.py --quick`` end to end
+as a user runs it, and the real-teacher study's code paths with the demo teacher standing in for SmolLM2 (whose
+93 MB wheel CI does not have). pyproject.toml's pytest ``pythonpath`` puts the study's scripts on the import path."""
 
+import functools
 import json
 import math
 import re
@@ -9,19 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import real
+import report
+import run as fidelity_run
+import study
 import torch
 
+from softcache import demo
+
 FIDELITY = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity"
-sys.path.insert(0, str(FIDELITY))
-
-import report  # noqa: E402
-import run as fidelity_run  # noqa: E402
-import study  # noqa: E402
-
 NUMBER = r"-?\d+(?:\.\d+)?"
 LAST_LINE = re.compile(
     rf"gap_closed: dense=100% topk64_bucket=({NUMBER})% topk64_renormalize=({NUMBER})% sampled50=({NUMBER})% "
     rf"bytes_per_token_topk64=({NUMBER}) bytes_per_token_sampled50=({NUMBER})"
+)
+LAST_LINE_REAL = re.compile(
+    rf"gap_closed_real: dense=100% topk64_bucket=({NUMBER})% topk64_renormalize=({NUMBER})% sampled12=({NUMBER})% "
+    rf"sampled50=({NUMBER})% bytes_per_token_topk64=({NUMBER}) bytes_per_token_sampled12=({NUMBER})"
 )
 
 
@@ -180,3 +187,95 @@ def test_quick_regimes_end_to_end(tmp_path):
     assert text.startswith("# Fidelity") and "**Regime: teacher logits / 0.55, alpha = 0.5**" in text
     assert LAST_LINE.fullmatch(text.rstrip("\n").splitlines()[-1])
     assert json.loads((out / "results.json").read_text())["info"]["setup"]["alpha"] == 0.5
+
+
+def test_student_config_defaults_to_the_demo_studys_student():
+    assert study.student_config() == dict(
+        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+    )
+    student = study.make_student(4096, 32, 0)
+    assert 0.35e6 < sum(p.numel() for p in student.parameters()) < 0.37e6
+    assert (
+        study.student_config(256, 4)["intermediate_size"] == 684
+        and study.student_config(256)["num_attention_heads"] == 16
+    )
+
+
+def test_teacher_metrics_match_a_direct_computation():
+    torch.manual_seed(4)
+    ids = torch.randint(0, 40, (5, 9))
+    probs = torch.softmax(torch.randn(5, 8, 40) * 2, -1)
+    held = study.HeldOut(ids, [probs[:3], probs[3:]], 0.0, 3)
+    got = study.teacher_metrics(held, top=7)
+    labels = ids[:, 1:]
+    assert got["ce"] == pytest.approx(float(-probs.gather(-1, labels[..., None]).log().mean()), rel=1e-6)
+    assert got["top7_mass"] == pytest.approx(float(probs.topk(7, -1).values.sum(-1).mean()), rel=1e-6)
+    top_p, top_id = probs.max(-1)
+    assert got["ece"] == pytest.approx(study.ece(top_p.flatten().numpy(), (top_id == labels).flatten().numpy()))
+
+
+def test_interleave_keeps_each_order_and_balances_characters():
+    a = [f"a{i}" * (1 + i % 7) for i in range(40)]
+    b = [f"b{i}" * (3 + i % 5) for i in range(25)]
+    merged = real.interleave(a, b)
+    assert [t for s, t in merged if s == 0] == a and [t for s, t in merged if s == 1] == b
+    chars = [0, 0]
+    for source, text in merged:
+        if chars[0] < sum(map(len, a)) and chars[1] < sum(map(len, b)):  # while both last, neither runs ahead
+            assert abs(chars[0] - chars[1]) <= max(map(len, a + b))
+        chars[source] += len(text)
+
+
+def test_english_documents_hold_out_every_fifth_topic():
+    from pydoc_data.topics import topics
+
+    train, validation = real.english_documents()
+    names = sorted(topics)
+    assert "".join(validation).replace("\n\n", "") == "".join(topics[n] for n in names[4::5]).replace("\n\n", "")
+    assert len(train) > 3 * len(validation) > 0
+    assert sum(len(d) < 1500 for d in train) <= len(names) - len(names[4::5])  # only a topic's last piece is short
+
+
+def test_real_plan_and_per_run_alpha():
+    runs = real.plan()
+    names = [r.name for r in runs]
+    assert names[:2] == ["ce", "dense"] and len(set(names)) == len(names)
+    assert {"topk16_bucket", "topk64_renormalize", "sampled12", "sampled50", real.MIX.name} <= set(names)
+    assert names.index(real.MIX.name) == names.index("topk64_renormalize") + 1  # top-64 targets loaded once
+    setup = study.Setup(steps=1, batch=1, seq_len=8, lr=1.0, eval_seqs=1, alpha=1.0)
+    assert real.MIX.mix(setup) == 0.5 and runs[0].mix(setup) == 1.0
+
+
+def test_real_study_end_to_end_with_the_demo_teacher(tmp_path):
+    """real.py's corpus, runs, run_study path and RESULTS_real.md, with the demo teacher (and its tokenizer) in place
+    of SmolLM2; only the GGUF conversion is left out."""
+    pytest.importorskip("matplotlib")
+    corpus, sources = real.write_corpus(tmp_path, demo.teacher_path())
+    assert set(sources["train"]) == {"python", "english"}
+    setup = study.Setup(steps=2, batch=2, seq_len=32, lr=3e-3, eval_seqs=2, angle_seqs=2, hidden=16, layers=1)
+    info = {
+        "command": "test",
+        "threads": 1,
+        "quick": True,
+        "convert_seconds": "reused",
+        **real.describe(setup, "quick", str(demo.teacher_path()), corpus, sources, "float32"),
+    }
+    assert sum(info["train_sources"].values()) == (setup.steps * setup.batch + setup.angle_seqs) * setup.seq_len
+    out = tmp_path / "out"
+    write = functools.partial(report.write_results, out, flavour=real.REAL)
+    fidelity_run.run_study(
+        real.plan(), real.CACHES, setup, 1, str(tmp_path / "caches"), str(demo.teacher_path()), info, write, corpus
+    )
+    text = (out / "RESULTS_real.md").read_text()
+    match = LAST_LINE_REAL.fullmatch(text.rstrip("\n").splitlines()[-1])
+    assert match and all(math.isfinite(float(x)) for x in match.groups()), text.splitlines()[-1]
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "±" in line}
+    assert list(rows) == [r.name for r in real.plan()]
+    assert "Reduced size (quick)" in text and (out / "fidelity_real.png").read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((out / "results_real.json").read_text())
+    (seed,) = results["per_seed"]
+    assert seed["dense"]["angle_init"] < 1e-3
+    assert all(0 <= r["ece"] <= 1 and r["kl"] >= 0 and math.isfinite(r["ce"]) for r in seed.values())
+    assert 0 < results["info"]["teacher_eval"]["top64_mass"] <= 1 + 1e-6
+    # the mix trains on another loss than pure top-64/bucket from the same start and data
+    assert seed[real.MIX.name]["ce"] != seed["topk64_bucket"]["ce"]

@@ -1,4 +1,5 @@
-"""RESULTS.md, fidelity.png and results.json of the fidelity study, from the per-seed measurements of run.py."""
+"""RESULTS.md, fidelity.png and results.json of the fidelity study, from the per-seed measurements of run.py; and
+RESULTS_real.md, fidelity_real.png and results_real.json of the real-teacher study (real.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import datetime
 import json
 import platform
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ TEMPLATE = """\
 {quick}Small-scale version of Anshumann et al. 2025, "Sparse Logit Sampling" (ACL 2025). The shipped demo teacher
 (`softcache.demo.teacher_path()`, Llama, V = {vocab}, hidden 128, 3 layers) runs once over the first
 {cached_tokens:,} tokens of the demo corpus's train split, packed into {seq_len}-token sequences, and
-`softcache.teacher.build` writes each cache. Students (Llama, hidden 64, 2 layers, same tokenizer, 0.36M parameters)
+`softcache.build.build` writes each cache. Students (Llama, hidden 64, 2 layers, same tokenizer, 0.36M parameters)
 train for {steps} AdamW steps of {batch} sequences (peak lr {lr}, {warmup_frac:.0%} linear warmup, cosine to 10 %,
 grad-norm clip 1; one pass over {train_tokens:,} tokens). Within a seed every run starts from the same weights and
 sees the same sequences in the same order (input ids read back from the cache); seeds change both. {seeds}; cells are
@@ -111,7 +114,7 @@ def _pm(stat: tuple[float, float], fmt: str, scale: float = 1.0) -> str:
     return f"{mean * scale:{fmt}} ± {std * scale:{fmt}}"
 
 
-def plot(path: Path, runs, table: dict, bytes_per_token: dict, dense_bytes: float) -> None:
+def plot(path: Path, runs, table: dict, bytes_per_token: dict, dense_bytes: float, title: str = "") -> None:
     """Gap closed against bytes/token: one marker per cache run (error bars: std over seeds), dense KD at the cost
     of storing its full logits in bf16. Left: every run; right: the band between hard labels and dense KD."""
     import matplotlib
@@ -120,21 +123,32 @@ def plot(path: Path, runs, table: dict, bytes_per_token: dict, dense_bytes: floa
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    styles = {"bucket": ("o", "tab:blue"), "renormalize": ("s", "tab:orange"), "sampled": ("^", "tab:green")}
-    labels = {"bucket": "top-k, bucket tail", "renormalize": "top-k, renormalize", "sampled": "sampled"}
+    styles = {
+        "bucket": ("o", "tab:blue"),
+        "renormalize": ("s", "tab:orange"),
+        "sampled": ("^", "tab:green"),
+        "mixed": ("D", "tab:purple"),
+    }
+    labels = {
+        "bucket": "top-k, bucket tail",
+        "renormalize": "top-k, renormalize",
+        "sampled": "sampled",
+        "mixed": "(1 − α)·CE + α·KD",
+    }
     for ax in axes:
         seen = set()
         for run in runs:
             if run.loss != "cache":
                 continue
-            style = "sampled" if run.cache.startswith("sampled") else run.tail
+            style = "mixed" if run.alpha is not None else "sampled" if run.cache.startswith("sampled") else run.tail
             mean, std = table[run.name]["gap"]
             x = bytes_per_token[run.cache]
             marker, color = styles[style]
             label = None if style in seen else labels[style]
             ax.errorbar(x, mean, yerr=std, fmt=marker, color=color, capsize=3, label=label)
             seen.add(style)
-            ax.annotate(run.cache, (x, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            name = run.cache if run.alpha is None else run.name
+            ax.annotate(name, (x, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.plot(dense_bytes, 100, "*", color="black", markersize=10, label="dense KD (full logits, bf16)")
         ax.axhline(100, color="black", lw=0.6, ls="--")
         ax.axhline(0, color="grey", lw=0.6, ls=":")
@@ -145,9 +159,23 @@ def plot(path: Path, runs, table: dict, bytes_per_token: dict, dense_bytes: floa
     axes[0].legend(fontsize=8, loc="lower right")
     axes[1].set_ylim(-60, 130)
     axes[1].set_title("zoom: between hard labels (0 %) and dense KD (100 %)")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def last_line_real(table: dict, bytes_per_token: dict) -> str:
+    def g(name):
+        return f"{table[name]['gap'][0]:.0f}%"
+
+    return (
+        f"gap_closed_real: dense=100% topk64_bucket={g('topk64_bucket')} topk64_renormalize={g('topk64_renormalize')} "
+        f"sampled12={g('sampled12')} sampled50={g('sampled50')} "
+        f"bytes_per_token_topk64={bytes_per_token['topk64']:.1f} "
+        f"bytes_per_token_sampled12={bytes_per_token['sampled12']:.1f}"
+    )
 
 
 def last_line(table: dict, bytes_per_token: dict) -> str:
@@ -224,7 +252,7 @@ the way from the hard-label student to the dense-KD student a run gets in matchi
 The **confident teacher** is synthetic: the demo teacher's logits divided by τ_t < 1 (a model folder with the tied
 output layer untied and scaled by 1/τ_t, built by `study.sharpened_teacher`), standing in for a real LLM teacher,
 whose top-64 ids typically hold 85–95 % of its mass; the demo teacher's top-64 holds about half. That teacher is
-the teacher everywhere in its regime: its caches are built from it by `softcache.teacher.build` (so bytes/token are
+the teacher everywhere in its regime: its caches are built from it by `softcache.build.build` (so bytes/token are
 those of real softcache caches), dense KD uses it live, and KL and ECE are measured against it. It is sharper, not
 better: its own held-out CE is worse than the demo teacher's, so held-out CE against the true next token (and the
 CE gap) says less about fidelity in that regime than KL to the teacher does.
@@ -298,15 +326,35 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def write_results(out: Path, runs, caches, per_seed, stats: dict, vocab_size: int, info: dict) -> Path:
+@dataclass(frozen=True)
+class Flavour:
+    """What a study writes: its Markdown template (formatted with the setup's fields, ``info`` and those that
+    ``write_results`` computes), the three file names and the function that makes its summary line."""
+
+    template: str
+    markdown: str
+    plot: str
+    json: str
+    summary: Callable[[dict, dict], str]
+    plot_title: str = ""
+
+
+DEMO = Flavour(TEMPLATE, "RESULTS.md", "fidelity.png", "results.json", last_line)
+
+
+def write_results(
+    out: Path, runs, caches, per_seed, stats: dict, vocab_size: int, info: dict, flavour: Flavour = DEMO
+) -> Path:
     """Write ``out``/RESULTS.md (table, setup, goals, plot link, and the summary line last), fidelity.png and
-    results.json (every per-seed number). ``stats``: per cache, what ``study.cache_stats`` returns."""
+    results.json (every per-seed number), or the files that ``flavour`` names. ``stats``: per cache, what
+    ``study.cache_stats`` returns."""
     out.mkdir(parents=True, exist_ok=True)
     bytes_per_token = {name: s["bytes_per_token"] for name, s in stats.items()}
     table = summarise(runs, per_seed)
     dense_bytes = 2.0 * vocab_size
-    plot(out / "fidelity.png", runs, table, bytes_per_token, dense_bytes)
-    (out / "results.json").write_text(json.dumps({"info": info, "caches": stats, "per_seed": per_seed}, indent=1))
+    plot(out / flavour.plot, runs, table, bytes_per_token, dense_bytes, flavour.plot_title)
+    dump = {"info": info, "caches": stats, "per_seed": per_seed}
+    (out / flavour.json).write_text(json.dumps(dump, indent=1))
     setup = info["setup"]
     n = len(per_seed)
     rows = table_rows(runs, table, stats, vocab_size)
@@ -325,7 +373,7 @@ def write_results(out: Path, runs, caches, per_seed, stats: dict, vocab_size: in
         else f"**Regime: {info['title']}** (the teacher and the KD loss below are those of this regime).\n\n"
     )
     builds = ", ".join(f"{k} {'reused' if v is None else f'{v:.0f}s'}" for k, v in info["build_seconds"].items())
-    text = TEMPLATE.format(
+    text = flavour.template.format(
         quick=quick_note(info) + regime_note,
         vocab=vocab_size,
         cached_tokens=info["train_tokens"] + setup["angle_seqs"] * setup["seq_len"],
@@ -341,9 +389,10 @@ def write_results(out: Path, runs, caches, per_seed, stats: dict, vocab_size: in
         date=date,
         minutes=info["wall_seconds"] / 60,
         builds=builds,
-        last_line=last_line(table, bytes_per_token),
+        last_line=flavour.summary(table, bytes_per_token),
+        info=info,
         **setup,
     )
-    path = out / "RESULTS.md"
+    path = out / flavour.markdown
     path.write_text(text)
     return path

@@ -31,6 +31,7 @@ import torch
 from report import write_regimes, write_results
 from study import (
     CacheSpec,
+    Corpus,
     Run,
     Setup,
     angle_degrees,
@@ -43,6 +44,7 @@ from study import (
     load_teacher,
     make_student,
     sharpened_teacher,
+    teacher_metrics,
     train,
 )
 
@@ -114,13 +116,16 @@ def run_seed(seed, runs, caches, input_ids, held, teacher, setup, workdir) -> di
     n_train = len(input_ids) - setup.angle_seqs
     order = np.random.default_rng(seed).permutation(n_train)[: setup.steps * setup.batch]
     angle_rows = np.arange(n_train, len(input_ids))
-    initial = make_student(teacher.config.vocab_size, setup.seq_len, seed)
-    results, angle_targets = {}, {}
+    initial = make_student(teacher.config.vocab_size, setup.seq_len, seed, setup.hidden, setup.layers, setup.device)
+    results, angle_targets, loaded = {}, {}, {}
     for run in runs:
         targets = None
         if run.loss == "cache":
-            cache = softcache.open_cache(f"{workdir}/{run.cache}")
-            targets = load_targets(cache, np.arange(len(input_ids)), input_ids)
+            if run.cache not in loaded:
+                cache = softcache.open_cache(f"{workdir}/{run.cache}")
+                ids, logprobs = load_targets(cache, np.arange(len(input_ids)), input_ids.cpu())
+                loaded = {run.cache: (ids.to(setup.device), logprobs.to(setup.device))}  # one cache in memory
+            targets = loaded[run.cache]
             angle_targets[run.cache] = (targets[0][angle_rows], targets[1][angle_rows])
         t0 = time.perf_counter()
         student = train(run, copy.deepcopy(initial), order, input_ids, setup, teacher, targets)
@@ -138,7 +143,7 @@ def run_seed(seed, runs, caches, input_ids, held, teacher, setup, workdir) -> di
     for where, model in (("angle_init", initial), ("angle_trained", dense_student)):
         dense = flat_grad(Run("dense", "dense"), model, batch, teacher, alpha=setup.alpha)
         for run in runs:
-            grad = flat_grad(run, model, batch, teacher, angle_targets.get(run.cache), setup.alpha)
+            grad = flat_grad(run, model, batch, teacher, angle_targets.get(run.cache), run.mix(setup))
             results[run.name][where] = angle_degrees(grad, dense)
         for spec in caches:
             if spec.targets == "sampled":
@@ -153,23 +158,44 @@ def run_seed(seed, runs, caches, input_ids, held, teacher, setup, workdir) -> di
 def run_regime(regime: Regime, caches, setup: Setup, seeds: int, workdir: str, info: dict, write) -> None:
     """Build the regime's caches from its teacher, train its runs for ``seeds`` seeds and call ``write(runs, caches,
     per_seed, stats, vocab_size, info)`` after every seed, so that a run stopped early leaves its finished seeds."""
-    t0 = time.perf_counter()
     runs = [run for run in plan_runs(caches) if run.name in regime.runs]
-    caches = [spec for spec in caches if any(run.cache == spec.name for run in runs)]
     tau = regime.teacher_temperature
     teacher_dir = sharpened_teacher(workdir, tau)
     cache_dir = workdir if tau == 1.0 else f"{workdir}/t{tau:g}"
+    info = {**info, "title": regime.title, "teacher_temperature": tau}
+    run_study(runs, caches, setup, seeds, cache_dir, teacher_dir, info, write)
+
+
+def run_study(
+    runs: list[Run],
+    caches: list[CacheSpec],
+    setup: Setup,
+    seeds: int,
+    cache_dir: str,
+    teacher_dir: str,
+    info: dict,
+    write,
+    corpus: Corpus | None = None,
+    teacher_dtype: str | None = None,
+) -> None:
+    """Build the caches that ``runs`` use in ``cache_dir`` from the teacher in ``teacher_dir`` over ``corpus``
+    (default: the demo corpus), train ``runs`` for ``seeds`` seeds on ``setup.device`` and call ``write(runs, caches,
+    per_seed, stats, vocab_size, info)`` after every seed. The teacher runs in ``teacher_dtype`` (default: float32;
+    the builds: bf16 on CUDA) everywhere: in the cache builds, in dense KD and on the held-out text."""
+    t0 = time.perf_counter()
+    caches = [spec for spec in caches if any(run.cache == spec.name for run in runs)]
     n_seqs = setup.steps * setup.batch + setup.angle_seqs
-    build_seconds = build_caches(caches, cache_dir, setup.seq_len, n_seqs, teacher_dir)
+    build_seconds = build_caches(
+        caches, cache_dir, setup.seq_len, n_seqs, teacher_dir, corpus, teacher_dtype, setup.device
+    )
     reference = softcache.open_cache(f"{cache_dir}/{caches[0].name}")
-    input_ids = torch.from_numpy(np.stack([reference[i]["input_ids"] for i in range(n_seqs)]))
-    teacher = load_teacher(teacher_dir)
-    held = held_out(setup.eval_seqs, setup.seq_len, teacher)
+    input_ids = torch.from_numpy(np.stack([reference[i]["input_ids"] for i in range(n_seqs)])).to(setup.device)
+    teacher = load_teacher(teacher_dir, teacher_dtype, setup.device)
+    held = held_out(setup.eval_seqs, setup.seq_len, teacher, corpus=corpus)
     stats = {spec.name: cache_stats(softcache.open_cache(f"{cache_dir}/{spec.name}"), n_seqs) for spec in caches}
     info = {
         **info,
-        "title": regime.title,
-        "teacher_temperature": tau,
+        "teacher_eval": teacher_metrics(held),
         "setup": setup.__dict__,
         "seeds": seeds,
         "build_seconds": build_seconds,

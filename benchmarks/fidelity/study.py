@@ -8,8 +8,10 @@ sequences in the same order (input ids read back from the reference cache). Runs
 * ``<cache>_<tail>``: ``softcache.kernels.sparse_kl_loss`` against that cache's targets (T = 1).
 
 KD runs are pure KD (``Setup.alpha`` = 1, no hard-label term) by default, as in Anshumann et al. 2025; with
-alpha < 1 each is ``(1 − alpha)·CE + alpha·KD`` over the positions that have a next token. The teacher is the demo
-teacher, or (``sharpened_teacher``) the demo teacher with its logits divided by a temperature below 1.
+alpha < 1 each is ``(1 − alpha)·CE + alpha·KD`` over the positions that have a next token (a run may set its own
+alpha). The teacher is the demo teacher, or (``sharpened_teacher``) the demo teacher with its logits divided by a
+temperature below 1, over the demo corpus; or any Llama teacher over any ``Corpus`` (real.py: SmolLM2-135M).
+Everything runs on ``Setup.device`` (CPU by default).
 """
 
 from __future__ import annotations
@@ -27,8 +29,33 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from softcache import demo
 
-STUDENT = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
-"""The student: a 2-layer Llama of width 64 (0.36M parameters, 0.26M of them the tied embedding)."""
+
+def student_config(hidden: int = 64, layers: int = 2) -> dict:
+    """A Llama student's sizes: MLP ≈ 8/3 of the width (rounded up to a multiple of 4), heads of 16 dims. The
+    default is the demo study's student: 2 layers of width 64 (0.36M parameters with the demo vocabulary, 0.26M of
+    them the tied embedding)."""
+    heads = max(1, hidden // 16)
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=math.ceil(hidden * 8 / 3 / 4) * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+    )
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Text to cache and to evaluate on: a train and a validation file (anything ``softcache build`` reads; column
+    ``text``) and the folder of the tokenizer that tokenises them (the teacher's)."""
+
+    train: str
+    validation: str
+    tokenizer: str
+
+    @classmethod
+    def demo(cls) -> Corpus:
+        return cls(str(demo.corpus_path("train")), str(demo.corpus_path("validation")), str(demo.teacher_path()))
 
 
 @dataclass(frozen=True)
@@ -43,12 +70,17 @@ class CacheSpec:
 
 @dataclass(frozen=True)
 class Run:
-    """One training run: its loss (``ce``, ``dense`` or ``cache``), and for ``cache`` which cache and tail."""
+    """One training run: its loss (``ce``, ``dense`` or ``cache``), for ``cache`` which cache and tail, and its own
+    KD mix ``alpha`` (None: the setup's)."""
 
     name: str
     loss: str
     cache: str | None = None
     tail: str | None = None
+    alpha: float | None = None
+
+    def mix(self, setup: Setup) -> float:
+        return setup.alpha if self.alpha is None else self.alpha
 
 
 @dataclass(frozen=True)
@@ -63,6 +95,9 @@ class Setup:
     angle_seqs: int = 16
     warmup_frac: float = 0.1
     alpha: float = 1.0
+    hidden: int = 64
+    layers: int = 2
+    device: str = "cpu"
 
 
 def sharpened_teacher(workdir: str, temperature: float) -> str:
@@ -93,23 +128,32 @@ def sharpened_teacher(workdir: str, temperature: float) -> str:
 
 
 def build_caches(
-    specs: list[CacheSpec], workdir: str, seq_len: int, n_seqs: int, teacher_dir: str
+    specs: list[CacheSpec],
+    workdir: str,
+    seq_len: int,
+    n_seqs: int,
+    teacher_dir: str,
+    corpus: Corpus | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
 ) -> dict[str, float | None]:
-    """Build each cache from the teacher in ``teacher_dir`` over the first documents of the demo train split that
+    """Build each cache from the teacher in ``teacher_dir`` (in ``dtype`` on ``device``: ``softcache build``'s
+    defaults when None) over the first documents of the train split of ``corpus`` (default: the demo corpus) that
     fill ``n_seqs`` packed sequences.
 
-    A cache already complete in ``workdir`` with the same build is reused (``softcache.teacher.build`` is
+    A cache already complete in ``workdir`` with the same build is reused (``softcache.build.build`` is
     resumable and refuses a different build). Returns the seconds each build took (None: reused).
     """
-    from softcache.teacher import build
+    from softcache.build import build
 
-    limit = docs_needed(n_seqs, seq_len)
+    corpus = corpus or Corpus.demo()
+    limit = docs_needed(n_seqs, seq_len, corpus)
     seconds = {}
     for spec in specs:
         t0 = time.perf_counter()
         result = build(
             teacher_dir,
-            str(demo.corpus_path("train")),
+            corpus.train,
             f"{workdir}/{spec.name}",
             k=spec.k,
             targets=spec.targets,
@@ -118,6 +162,8 @@ def build_caches(
             max_length=seq_len,
             pack=True,
             limit=limit,
+            dtype=dtype,
+            device=device,
             quiet=True,
         )
         seconds[spec.name] = None if result.already_complete else time.perf_counter() - t0
@@ -126,13 +172,13 @@ def build_caches(
     return seconds
 
 
-def _packed_docs(split: str, min_tokens: float = math.inf) -> list[np.ndarray]:
-    """The first documents of a demo split, tokenised as ``softcache build`` does and each followed by EOS, until
-    they hold ``min_tokens`` tokens (all of them by default)."""
+def _packed_docs(corpus: Corpus, split: str, min_tokens: float = math.inf) -> list[np.ndarray]:
+    """The first documents of ``corpus``'s ``split`` (``train`` or ``validation``), tokenised as ``softcache build``
+    does and each followed by EOS, until they hold ``min_tokens`` tokens (all of them by default)."""
     import pyarrow.parquet as pq
 
-    tokenizer = AutoTokenizer.from_pretrained(str(demo.teacher_path()))
-    texts = pq.read_table(demo.corpus_path(split), columns=["text"]).column("text").to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(corpus.tokenizer)
+    texts = pq.read_table(getattr(corpus, split), columns=["text"]).column("text").to_pylist()
     docs, tokens = [], 0
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"] if text else []
@@ -143,16 +189,15 @@ def _packed_docs(split: str, min_tokens: float = math.inf) -> list[np.ndarray]:
     return docs
 
 
-def docs_needed(n_seqs: int, seq_len: int) -> int:
+def docs_needed(n_seqs: int, seq_len: int, corpus: Corpus | None = None) -> int:
     """The fewest train documents (dataset rows, empty ones included) whose packed tokens fill ``n_seqs`` sequences
     of ``seq_len``."""
     need = n_seqs * seq_len
-    docs = _packed_docs("train", need)
+    docs = _packed_docs(corpus or Corpus.demo(), "train", need)
     tokens = sum(len(d) for d in docs)
     if tokens < need:
         raise ValueError(
-            f"the demo train split has {tokens} tokens, fewer than the {need} asked for; "
-            "lower --steps, --batch or --seq-len"
+            f"the train split has {tokens} tokens, fewer than the {need} asked for; lower --steps, --batch or --seq-len"
         )
     return len(docs)
 
@@ -169,17 +214,35 @@ class HeldOut:
 
 
 @torch.no_grad()
-def held_out(n_seqs: int, seq_len: int, teacher, batch: int = 32) -> HeldOut:
-    """The first ``n_seqs`` full packed sequences of the demo validation split and the teacher's view of them."""
-    stream = np.concatenate(_packed_docs("validation", n_seqs * seq_len))
+def held_out(n_seqs: int, seq_len: int, teacher, batch: int = 32, corpus: Corpus | None = None) -> HeldOut:
+    """The first ``n_seqs`` full packed sequences of the validation split of ``corpus`` (default: the demo corpus)
+    and the teacher's view of them, on the teacher's device."""
+    stream = np.concatenate(_packed_docs(corpus or Corpus.demo(), "validation", n_seqs * seq_len))
     n = min(n_seqs, len(stream) // seq_len)
-    ids = torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len))
+    ids = torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len)).to(teacher.device)
     probs, plogp = [], 0.0
     for a in range(0, n, batch):
         log_p = F.log_softmax(teacher(input_ids=ids[a : a + batch]).logits[:, :-1].float(), -1)
         probs.append(log_p.exp())
         plogp += float((probs[-1] * log_p).sum())
     return HeldOut(ids, probs, plogp, batch)
+
+
+def teacher_metrics(held: HeldOut, top: int = 64) -> dict[str, float]:
+    """The teacher's own held-out CE and ECE (as ``evaluate`` measures a student) and the mean probability its
+    ``top`` most likely ids hold."""
+    ce_sum, mass = 0.0, 0.0
+    confidence, correct = [], []
+    for ids, p in zip(held.ids.split(held.batch), held.teacher_probs, strict=True):
+        labels = ids[:, 1:]
+        ce_sum += float(-p.gather(-1, labels[..., None]).clamp_min(1e-30).log().sum())
+        mass += float(p.topk(top, -1).values.sum())
+        top_p, top_id = p.max(-1)
+        confidence.append(top_p.flatten().cpu().numpy())
+        correct.append((top_id == labels).flatten().cpu().numpy())
+    n = held.ids[:, 1:].numel()
+    calibration = ece(np.concatenate(confidence), np.concatenate(correct))
+    return {"ce": ce_sum / n, "ece": calibration, f"top{top}_mass": mass / n}
 
 
 def load_targets(cache, seqs: np.ndarray, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,12 +276,17 @@ def cache_stats(cache, n_seqs: int, every: int = 10) -> dict[str, float | None]:
     }
 
 
-def load_teacher(path: str | None = None) -> LlamaForCausalLM:
-    """The model in ``path`` (default: the demo teacher), in eval mode."""
-    return LlamaForCausalLM.from_pretrained(path or str(demo.teacher_path())).eval()
+def load_teacher(path: str | None = None, dtype: str | None = None, device: str = "cpu") -> LlamaForCausalLM:
+    """The model in ``path`` (default: the demo teacher), in ``dtype`` (default float32) on ``device``, in eval
+    mode."""
+    model = LlamaForCausalLM.from_pretrained(path or str(demo.teacher_path()), dtype=getattr(torch, dtype or "float32"))
+    return model.to(device).eval()
 
 
-def make_student(vocab_size: int, seq_len: int, seed: int) -> LlamaForCausalLM:
+def make_student(
+    vocab_size: int, seq_len: int, seed: int, hidden: int = 64, layers: int = 2, device: str = "cpu"
+) -> LlamaForCausalLM:
+    """The seed's initial student (``student_config(hidden, layers)``, tied embedding), float32 on ``device``."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -227,9 +295,9 @@ def make_student(vocab_size: int, seq_len: int, seed: int) -> LlamaForCausalLM:
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
-        **STUDENT,
+        **student_config(hidden, layers),
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config).to(device)
 
 
 def dense_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -277,11 +345,11 @@ def train(run: Run, student, order: np.ndarray, input_ids, setup: Setup, teacher
     opt = torch.optim.AdamW(student.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.01)
     student.train()
     for step in range(setup.steps):
-        rows = torch.from_numpy(order[step * setup.batch : (step + 1) * setup.batch])
+        rows = torch.from_numpy(order[step * setup.batch : (step + 1) * setup.batch]).to(input_ids.device)
         batch_targets = None if targets is None else (targets[0][rows], targets[1][rows])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, setup)
-        loss = run_loss(run, student, input_ids[rows], teacher, batch_targets, setup.alpha)
+        loss = run_loss(run, student, input_ids[rows], teacher, batch_targets, run.mix(setup))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -310,8 +378,8 @@ def evaluate(student, held: HeldOut) -> dict[str, float]:
         ce_sum += float(-log_q.gather(-1, labels[..., None]).sum())
         p_logq += float((p * log_q).sum())
         top_logq, top_id = log_q.max(-1)
-        confidence.append(top_logq.exp().flatten().numpy())
-        correct.append((top_id == labels).flatten().numpy())
+        confidence.append(top_logq.exp().flatten().cpu().numpy())
+        correct.append((top_id == labels).flatten().cpu().numpy())
     n = held.ids[:, 1:].numel()
     kl = (held.teacher_plogp - p_logq) / n
     return {"ce": ce_sum / n, "kl": kl, "ece": ece(np.concatenate(confidence), np.concatenate(correct))}
