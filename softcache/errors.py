@@ -1,5 +1,5 @@
-"""Every public exception of softcache. All are ``ValueError`` subclasses whose message names the file, shard,
-row or option at fault and the fix."""
+"""Every public exception of softcache. Each message names the file, shard, row or option at fault and the fix.
+All but :class:`CacheLockedError` (a conflict between writers, not a bad value) are ``ValueError`` subclasses."""
 
 from __future__ import annotations
 
@@ -24,4 +24,15 @@ class BuildConflictError(ValueError):
     """``--out`` holds something this build must not write into."""
 
 
-__all__ = ["BuildConflictError", "CacheFormatError", "CorruptShardError", "DataError", "TeacherError"]
+class CacheLockedError(RuntimeError):
+    """Another writer holds the cache (one writer per cache); the message names it."""
+
+
+__all__ = [
+    "BuildConflictError",
+    "CacheFormatError",
+    "CacheLockedError",
+    "CorruptShardError",
+    "DataError",
+    "TeacherError",
+]

@@ -15,6 +15,7 @@ import numpy as np
 from . import codec
 from .errors import CacheFormatError, CorruptShardError
 from .format import Manifest, ShardEntry, ShardReader, get_backend, join, load_manifest, open_fs
+from .format.fs import check_plain_file
 from .kinds import TargetKind
 
 
@@ -126,21 +127,32 @@ class Cache:
         return shard, batch, within - int(self._batch_start[shard][batch])
 
     def shard(self, s: int) -> ShardReader:
-        """The reader of shard ``s``, opened once; its size and batch count are checked against the manifest."""
+        """The reader of shard ``s``, opened once. Before anything is read, the shard must be regular files only
+        (no links, devices or FIFOs) of the size the manifest records; then its batch count and the settings its
+        header repeats must match the manifest's."""
         if s not in self._readers:
             entry = self.manifest.shards[s]
             path = join(self.root, entry.file)
             if not self.fs.exists(path):
                 raise CorruptShardError(f"shard {entry.file} is missing from {self.url}")
-            if not self.fs.isdir(path) and self.fs.size(path) != entry.bytes:
+            try:
+                size = check_plain_file(self.fs, path, f"shard {entry.file}", directory=True)
+            except CacheFormatError as e:
+                raise CorruptShardError(str(e)) from None
+            if size != entry.bytes:
                 raise CorruptShardError(
-                    f"shard {entry.file} has {self.fs.size(path)} bytes, the manifest says {entry.bytes}: "
-                    "truncated or altered"
+                    f"shard {entry.file} has {size} bytes, the manifest says {entry.bytes}: truncated or altered"
                 )
             reader = self.backend.open(self.fs, self.root, entry.file)
             if reader.num_batches != len(entry.batches):
                 raise CorruptShardError(
                     f"shard {entry.file} holds {reader.num_batches} batches, the manifest says otherwise"
+                )
+            stored = reader.header.get("settings")
+            if stored is not None and stored.tobytes() != self.manifest.shard_settings():
+                raise CorruptShardError(
+                    f"shard {entry.file} was encoded with {stored.tobytes().decode(errors='replace')}, but the "
+                    f"manifest says {self.manifest.shard_settings().decode()}: the manifest or the shard was altered"
                 )
             self._readers[s] = reader
         return self._readers[s]
@@ -163,7 +175,9 @@ class Cache:
         entry = self.manifest.shards[shard]
         streams = self.shard(shard).read_batch(batch)
         try:
-            decoded = self._decode(streams, entry.batches[batch], self._id_order(shard))
+            decoded = self._decode(streams, entry, batch, self._id_order(shard))
+        except KeyError as e:
+            raise CorruptShardError(f"shard {entry.file}: batch {batch} lacks the stream {e}") from None
         except (ValueError, IndexError) as e:
             raise CorruptShardError(f"shard {entry.file}: batch {batch} does not decode ({e})") from e
         self._decoded[key] = decoded
@@ -171,9 +185,11 @@ class Cache:
             self._decoded.popitem(last=False)
         return decoded
 
-    def _decode(self, streams: dict, n_seqs: int, order: codec.IdOrder) -> dict[str, np.ndarray]:
-        lengths = codec.decode_tokens(streams["seq_lengths"], n_seqs)
+    def _decode(self, streams: dict, entry: ShardEntry, batch: int, order: codec.IdOrder) -> dict[str, np.ndarray]:
+        lengths = codec.decode_tokens(streams["seq_lengths"], entry.batches[batch])
         n_tokens = int(lengths.sum())
+        if n_tokens > entry.tokens or (lengths < 1).any():  # checked before anything of size tokens × k is made
+            raise ValueError(f"sequence lengths {lengths.tolist()[:8]} do not fit the shard's {entry.tokens} tokens")
         return {
             "offsets": np.concatenate([[0], np.cumsum(lengths)]),
             "input_ids": codec.decode_tokens(streams["input_ids"], n_tokens),

@@ -2,8 +2,9 @@
 
 Per row of fp32 logits ``z`` (on any device):
 
-* **topk**: the k ids with the largest logits (−1 where the logit is −inf), their log-probs at T = 1 (0 at −1), and
-  for each capture temperature τ the normaliser ``n_τ = logsumexp(z/τ) − logsumexp(z)/τ`` (``n_1 = 0`` exactly).
+* **topk**: the k ids with the largest logits (−1 where the logit is −inf, or so far below the row's largest that its
+  probability is 0 in fp32), their log-probs at T = 1 (0 at −1), and for each capture temperature τ the normaliser
+  ``n_τ = logsumexp(z/τ) − logsumexp(z)/τ`` (``n_1 = 0`` exactly), all computed on the row minus its maximum.
 * **sampled**: ``samples`` draws with replacement from ``softmax(z/τ)`` by inverse CDF (float64 CDF) from float64
   uniforms generated on the CPU by one generator per sequence, seeded by (seed, sequence index), and consumed one
   row after another. The draws therefore depend on neither the batching, the chunking nor the device. They are
@@ -59,6 +60,9 @@ class Sparsifier:
         return (*self._sample(z, u), None, broken)
 
     def _topk(self, z: torch.Tensor):
+        # Every output is invariant to shifting a row, and computing after the shift keeps n_τ exact for logits
+        # far from 0 (in fp32, logsumexp(z/τ) − logsumexp(z)/τ loses its digits when both are large).
+        z = z - z.max(-1, keepdim=True).values
         lse = torch.logsumexp(z, -1)
         vals, idx = torch.topk(z, self.k, dim=-1)
         idx = torch.where(torch.isneginf(vals), -1, idx).int()

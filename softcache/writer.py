@@ -9,6 +9,7 @@ again appends after them.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 
@@ -27,6 +28,9 @@ from .format import (
     open_fs,
     save_manifest,
 )
+from .format.fs import holds_only_temporaries, is_tmp_name
+from .format.lock import CacheLock
+from .format.manifest import MAX_K, MAX_VOCAB
 from .kinds import TOKEN_STREAMS, as_array, get_kind
 from .sparsify import Sparsifier
 
@@ -76,7 +80,7 @@ class CacheWriter:
         chunk_elements: int = 1 << 26,
         storage_options: dict | None = None,
     ) -> None:
-        new = _new_manifest(vocab_size, k, targets, temperatures, samples, backend, logprob_step, metadata or {})
+        new = new_manifest(vocab_size, k, targets, temperatures, samples, backend, logprob_step, metadata or {})
         if batch_tokens < 1 or shard_tokens < 1 or chunk_elements < 1:
             raise ValueError("batch_tokens, shard_tokens and chunk_elements must be positive")
         self.fs, self.root = open_fs(path_or_url, storage_options)
@@ -87,7 +91,14 @@ class CacheWriter:
         self.batch_tokens, self.shard_tokens = batch_tokens, shard_tokens
         self.chunk_elements = chunk_elements
         self.sparsifier = Sparsifier(self.kind, new.k, new.settings.temperatures, new.samples, seed)
-        self.manifest = self._open_manifest(new)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self._lock = CacheLock(self.fs, self.root, self.url)
+        self._lock.acquire()
+        try:
+            self.manifest = self._open_manifest(new)
+        except BaseException:
+            self._lock.release()
+            raise
         self._pending: list[tuple] = []  # (input_ids, target_ids, values, lognorm) per sequence
         self._pending_tokens = 0
         self._shard = None
@@ -110,11 +121,11 @@ class CacheWriter:
                     )
             self._remove_uncommitted(manifest)
             return manifest
-        if fs.exists(root) and fs.ls(root, detail=False):
+        if not holds_only_temporaries(fs, root):
             raise CacheFormatError(
                 f"{self.url} exists, is not empty and is not a softcache cache; choose an empty or new directory"
             )
-        fs.makedirs(root, exist_ok=True)
+        self._remove_uncommitted(new)  # e.g. the temporary manifest of a writer killed during its first write
         save_manifest(fs, root, new)
         return new
 
@@ -123,7 +134,7 @@ class CacheWriter:
         committed = {s.file for s in manifest.shards}
         for path in self.fs.ls(self.root, detail=False):
             name = path.rstrip("/").rsplit("/", 1)[-1]
-            leftover = name.startswith(".") and name.endswith(".tmp")
+            leftover = is_tmp_name(name)
             orphan = name.startswith("shard-") and name.endswith(self.backend.suffix) and name not in committed
             if leftover or orphan:
                 self.fs.rm(path, recursive=True)
@@ -218,7 +229,8 @@ class CacheWriter:
 
     def _open_shard(self, first_targets: np.ndarray) -> None:
         self._order = codec.IdOrder.fit(first_targets, self.settings.vocab_size)
-        header = {"id_order": self._order.to_bytes()}
+        settings = np.frombuffer(self.manifest.shard_settings(), np.uint8)  # what decodes it, checked on open
+        header = {"id_order": self._order.to_bytes(), "settings": settings}
         self._shard = self.backend.create(self.fs, self.root, self._next_shard_name(), header, self._streams)
 
     def _next_shard_name(self) -> str:
@@ -301,6 +313,7 @@ class CacheWriter:
             self.flush()
         finally:
             self._closed = True
+            self._lock.release()
 
     def abort(self) -> None:
         """Drop buffered sequences and the open shard; committed shards stay."""
@@ -310,6 +323,7 @@ class CacheWriter:
             self._shard = None
         self._shard_stats = [0, 0, 0]
         self._closed = True
+        self._lock.release()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -326,12 +340,18 @@ class CacheWriter:
 # -- argument checking -----------------------------------------------------------------------------
 
 
-def _new_manifest(vocab_size, k, targets, temperatures, samples, backend, logprob_step, metadata) -> Manifest:
-    """The manifest of a new cache with these settings, checked."""
-    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-    if not isinstance(k, (int, np.integer)) or not 1 <= k <= vocab_size:
-        raise ValueError(f"k must be an integer in [1, vocab_size={vocab_size}], got {k!r}")
+def new_manifest(
+    vocab_size, k, targets, temperatures, samples, backend, logprob_step=1.0 / 64, metadata=None
+) -> Manifest:
+    """The manifest of a new cache with these settings (``CacheWriter``'s), checked; a ValueError names the setting."""
+    if not isinstance(vocab_size, (int, np.integer)) or not 1 <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"vocab_size must be an integer in [1, {MAX_VOCAB}], got {vocab_size!r}")
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= min(vocab_size, MAX_K):
+        raise ValueError(f"k must be an integer in [1, {min(vocab_size, MAX_K)}] (≤ vocab_size), got {k!r}")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata must be JSON-serialisable (it is stored in the manifest): {e}") from None
     kind = get_kind(targets)
     if isinstance(temperatures, (int, float)):
         temperatures = [temperatures]
@@ -352,7 +372,7 @@ def _new_manifest(vocab_size, k, targets, temperatures, samples, backend, logpro
         samples=None if samples is None else int(samples),
         backend=backend,
         codec=codec.CodecParams(logprob_step=logprob_step).to_dict(),
-        metadata=metadata,
+        metadata=metadata or {},
     )
 
 
@@ -361,8 +381,9 @@ def _check_sequence(input_ids: np.ndarray, vocab_size: int) -> int:
         raise ValueError(f"input_ids must be 1-D (one sequence), got shape {tuple(input_ids.shape)}")
     if input_ids.size == 0:
         raise ValueError("empty sequence: input_ids has no tokens")
-    if input_ids.min() < 0:
-        raise ValueError(f"input_ids must be non-negative token ids, found {int(input_ids.min())}")
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        bad = int(input_ids.min()) if input_ids.min() < 0 else int(input_ids.max())
+        raise ValueError(f"input_ids must be token ids in [0, vocab_size={vocab_size}), found {bad}")
     return int(input_ids.shape[0])
 
 

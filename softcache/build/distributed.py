@@ -18,6 +18,7 @@ import torch
 
 from ..errors import BuildConflictError
 from ..format import MANIFEST_NAME, BuildState, Manifest, join, load_manifest, open_fs
+from ..format.fs import holds_only_temporaries
 from ..ranks import rank_world
 from ..reader import open_cache
 from ..writer import CacheWriter
@@ -59,6 +60,16 @@ def _differences(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys)
 
 
+def check_out(out: str) -> None:
+    """The cheap part of :func:`prepare_out`, run before the teacher loads: ``out`` is new, empty, or a cache."""
+    fs, root = open_fs(out)
+    if not fs.exists(join(root, MANIFEST_NAME)) and not holds_only_temporaries(fs, root):
+        raise BuildConflictError(
+            f"{out} exists, is not empty and is not a softcache cache; choose a new or empty --out "
+            "(--overwrite only replaces softcache caches)"
+        )
+
+
 def prepare_out(out: str, metadata: dict, settings: dict, overwrite: bool, dist: Dist) -> Manifest | None:
     """Check ``out`` before building. Returns the manifest when the same build is already complete, else
     None (new, or to be resumed). A cache of a different build is refused, or deleted with ``overwrite``;
@@ -77,11 +88,8 @@ def prepare_out(out: str, metadata: dict, settings: dict, overwrite: bool, dist:
                         "choose another --out"
                     )
                 fs.rm(root, recursive=True)
-        elif fs.exists(root) and fs.ls(root, detail=False):
-            raise BuildConflictError(
-                f"{out} exists, is not empty and is not a softcache cache; choose a new or empty --out "
-                "(--overwrite only replaces softcache caches)"
-            )
+        else:
+            check_out(out)
         if dist.world > 1:  # the root manifest, before any rank folder: an unfinished build
             with CacheWriter(out, **settings, metadata=metadata) as root_writer:
                 root_writer.manifest.build_state = root_writer.manifest.build_state or BuildState()

@@ -25,11 +25,12 @@ import torch
 from .._version import __version__
 from ..errors import TeacherError
 from ..format import BuildState, Manifest
+from ..format.manifest import MAX_VOCAB
 from ..identity import config_hash, vocab_fingerprint
 from ..kinds import get_kind
 from ..sparsify import Sparsifier
-from ..writer import CacheWriter
-from .distributed import Dist, merge_rank_caches, prepare_out, rank_path
+from ..writer import CacheWriter, new_manifest
+from .distributed import Dist, check_out, merge_rank_caches, prepare_out, rank_path
 from .gguf import teacher_info as gguf_teacher_info
 from .inputs import Sequences, load_rows, tokenize
 from .plan import BackgroundWriter, batches, rank_windows, windows
@@ -107,6 +108,14 @@ def build(
     temps = [float(t) for t in temperatures]
     if targets == "sampled" and samples is None:
         raise ValueError("--targets sampled needs --samples N (draws per position, e.g. 50)")
+    # Everything that can be checked without the teacher is checked before it loads (that can take minutes).
+    new_manifest(MAX_VOCAB, k, targets, temps, samples, backend)
+    check_out(out)
+    if not show:
+        import datasets
+
+        datasets.disable_progress_bars()
+    rows = load_rows(data, split, limit)
 
     model, tokenizer = load_teacher(teacher, revision, trust_remote_code, torch_dtype, dev, show)
     head = TeacherHead(model, Sparsifier(get_kind(targets), k, tuple(temps), samples, seed))
@@ -119,11 +128,6 @@ def build(
     if k > vocab:
         raise ValueError(f"--k {k} is larger than the teacher's vocabulary ({vocab}); use --k ≤ {vocab}")
 
-    if not show:
-        import datasets
-
-        datasets.disable_progress_bars()
-    rows = load_rows(data, split, limit)
     docs = tokenize(rows, data, tokenizer, field, chat_template, vocab, show)
     seqs = Sequences(docs, max_length, pack, tokenizer.eos_token_id)
     head.check_against_full_forward(torch.from_numpy(seqs[0][:16].astype("int64"))[None])

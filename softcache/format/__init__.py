@@ -7,7 +7,7 @@ subclass.
 
 from __future__ import annotations
 
-from .base import Backend, ShardReader, ShardWriter, shard_digest
+from .base import BACKENDS, Backend, ShardReader, ShardWriter, shard_digest
 from .fs import join, open_fs
 from .manifest import (
     FORMAT_VERSION,
@@ -19,8 +19,6 @@ from .manifest import (
     load_manifest,
     save_manifest,
 )
-
-BACKENDS = ("arrow", "zarr")
 
 
 def get_backend(name: str) -> Backend:

@@ -47,6 +47,10 @@ def shard_digest(fs, path: str) -> tuple[int, str]:
     return total, h.hexdigest()
 
 
+BACKENDS = ("arrow", "zarr")
+"""The shard backends' names (the registry in :mod:`softcache.format` maps them to their classes)."""
+
+
 class ShardWriter(ABC):
     """Writes one shard under a temporary name; :meth:`commit` makes it final."""
 

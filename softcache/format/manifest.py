@@ -4,6 +4,12 @@ The manifest is the commit point of a cache: a shard exists for readers only onc
 it, and the manifest is replaced atomically (written under a temporary name, then renamed), so a
 writer killed at any moment leaves the previous, consistent manifest behind.
 
+Everything that decodes is checked before it is trusted: the manifest carries ``manifest_sha256``, the SHA-256 of its
+canonical JSON without that field, so an edited or damaged manifest is refused by name (caches written before it
+existed have none, and ``softcache info`` says so); every field is type- and range-checked (:func:`Manifest.from_dict`);
+and each shard's header repeats the settings it was encoded with (:meth:`Manifest.shard_settings`), which the reader
+compares with the manifest's.
+
 In memory it is a :class:`Manifest` with a :class:`ShardEntry` per shard and, for caches written by
 ``softcache build``, a :class:`BuildState` (whether the build finished, which sequences it skipped). On disk it is
 the same JSON as ever (format version 1); caches written before the build state had its own section kept it in
@@ -12,7 +18,9 @@ the same JSON as ever (format version 1); caches written before the build state 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -21,7 +29,8 @@ from .. import codec
 from .._version import __version__
 from ..errors import CacheFormatError
 from ..kinds import KINDS, Settings, TargetKind, get_kind
-from .fs import join, tmp_name
+from .base import BACKENDS
+from .fs import check_plain_file, join, tmp_name
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "softcache.json"
@@ -29,6 +38,36 @@ _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REQUIRED = ("format_version", "targets", "k", "vocab_size", "temperatures", "backend", "codec", "shards")
 FIXED_KEYS = ("targets", "k", "vocab_size", "temperatures", "samples", "backend", "codec")
 """What a writer appending to a cache must agree on with it."""
+CHECKSUM_KEY = "manifest_sha256"
+MAX_VOCAB = 1 << 24
+"""Largest vocabulary a cache may declare: every shard's id order is O(vocab) memory (262k is the largest LLM's)."""
+MAX_K = 1 << 16
+"""Most target entries per position: decoding allocates (tokens × k)."""
+MAX_COUNT = 1 << 53
+"""Counts (tokens, bytes, ...) beyond this are not exact in JSON numbers."""
+MAX_MANIFEST_BYTES = 256 << 20
+"""A manifest larger than this is refused before it is read (a real one is a few hundred bytes per shard)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(d: dict, key: str, where: str, low: int = 0, high: int = MAX_COUNT, optional: bool = False) -> int | None:
+    """``d[key]`` as an int in [low, high] (not a bool, not a float), or a CacheFormatError naming it."""
+    value = d.get(key)
+    if value is None and optional:
+        return None
+    if not _is_int(value) or not low <= value <= high:
+        raise CacheFormatError(f"{where}: {key} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def canonical_digest(data: dict) -> str:
+    """SHA-256 of ``data``'s canonical JSON (sorted keys, no whitespace), without ``manifest_sha256``."""
+    body = {key: value for key, value in data.items() if key != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_shard_name(name: object, where: str = MANIFEST_NAME) -> str:
@@ -61,10 +100,19 @@ class ShardEntry:
         for key in ("sequences", "tokens", "bytes", "batches"):
             if key not in d:
                 raise CacheFormatError(f"{where}: shard {name} lacks {key!r}")
-        entry = cls(name, d["sequences"], d["tokens"], d["bytes"], list(d["batches"]), d.get("entries"),
-                    d.get("sha256"))
+        at = f"{where}: shard {name}"
+        batches = d["batches"]
+        if not isinstance(batches, list) or not all(_is_int(n) and n >= 1 for n in batches):
+            raise CacheFormatError(f"{at}: batches must be a list of positive sequence counts")
+        sha = d.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise CacheFormatError(f"{at}: sha256 must be 64 hex digits, got {sha!r}")
+        entry = cls(name, _int(d, "sequences", at), _int(d, "tokens", at), _int(d, "bytes", at), list(batches),
+                    _int(d, "entries", at, optional=True), sha)
         if sum(entry.batches) != entry.sequences:
-            raise CacheFormatError(f"{where}: shard {name}: batch sizes do not add up to its sequences")
+            raise CacheFormatError(f"{at}: batch sizes do not add up to its sequences")
+        if entry.tokens < entry.sequences:
+            raise CacheFormatError(f"{at}: {entry.tokens} tokens cannot hold {entry.sequences} sequences")
         return entry
 
     def to_dict(self) -> dict:
@@ -100,6 +148,8 @@ class Manifest:
     build_state: BuildState | None = None
     format_version: int = FORMAT_VERSION
     softcache_version: str = __version__
+    checksummed: bool = True
+    """False for a manifest written before manifests carried their own checksum (it was not verified)."""
 
     @property
     def kind(self) -> TargetKind:
@@ -126,6 +176,11 @@ class Manifest:
         """The settings every writer of this cache must share (:data:`FIXED_KEYS`)."""
         return {key: getattr(self, key) for key in FIXED_KEYS}
 
+    def shard_settings(self) -> bytes:
+        """What each shard's header repeats (everything that decodes it; not the backend, which convert changes)."""
+        fixed = {key: value for key, value in self.fixed().items() if key != "backend"}
+        return json.dumps(fixed, sort_keys=True, separators=(",", ":")).encode()
+
     def to_dict(self) -> dict:
         d = {
             "format": "softcache",
@@ -138,6 +193,7 @@ class Manifest:
         if self.build_state is not None:
             state = self.build_state
             d["build_state"] = {"complete": state.complete, "skipped_bad": list(state.skipped_bad)}
+        d[CHECKSUM_KEY] = canonical_digest(d)
         return d
 
     def __getitem__(self, key: str):
@@ -153,7 +209,7 @@ class Manifest:
         if d.get("format") != "softcache":
             raise CacheFormatError(f"{where}: not a softcache manifest (missing \"format\": \"softcache\")")
         version = d.get("format_version")
-        if not isinstance(version, int) or version < 1:
+        if not _is_int(version) or version < 1:
             raise CacheFormatError(f"{where}: invalid format_version {version!r}")
         if version > FORMAT_VERSION:
             raise CacheFormatError(
@@ -163,28 +219,69 @@ class Manifest:
         missing = [key for key in _REQUIRED if key not in d]
         if missing:
             raise CacheFormatError(f"{where}: manifest lacks {', '.join(missing)}")
-        if d["targets"] not in KINDS:
-            raise CacheFormatError(f"{where}: unknown target kind {d['targets']!r}")
-        if not isinstance(d["shards"], list):
-            raise CacheFormatError(f"{where}: shards must be a list")
+        checksum = d.get(CHECKSUM_KEY)
+        if checksum is not None and checksum != canonical_digest(d):
+            raise CacheFormatError(
+                f"{where}: the manifest does not match its checksum ({CHECKSUM_KEY}): it was edited or damaged. "
+                "Restore it from a copy, or rebuild the cache; softcache never decodes a cache with an altered manifest"
+            )
+        fields = _check_fields(d, where)
         metadata = dict(d.get("metadata") or {})
         state = d.get("build_state")
         if state is None and "build" in metadata and "complete" in metadata:  # a build before BuildState existed
             state = {"complete": metadata.pop("complete"), "skipped_bad": metadata.pop("skipped_bad", [])}
+        shards = [ShardEntry.from_dict(s, i, where) for i, s in enumerate(d["shards"])]
+        names = [s.file for s in shards]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise CacheFormatError(f"{where}: shard {twice} is listed twice")
         return cls(
-            targets=d["targets"],
-            k=d["k"],
-            vocab_size=d["vocab_size"],
-            temperatures=list(d["temperatures"]),
-            samples=d.get("samples"),
-            backend=d["backend"],
-            codec=d["codec"],
+            **fields,
             metadata=metadata,
-            shards=[ShardEntry.from_dict(s, i, where) for i, s in enumerate(d["shards"])],
-            build_state=None if state is None else BuildState(bool(state["complete"]), list(state["skipped_bad"])),
+            shards=shards,
+            build_state=_build_state(state, where),
             format_version=version,
-            softcache_version=d.get("softcache_version", "unknown"),
+            softcache_version=str(d.get("softcache_version", "unknown")),
+            checksummed=checksum is not None,
         )
+
+
+def _check_fields(d: dict, where: str) -> dict:
+    """The settings of a manifest, type- and range-checked; a CacheFormatError names the field."""
+    if d["targets"] not in KINDS:
+        raise CacheFormatError(f"{where}: unknown target kind {d['targets']!r}")
+    if not isinstance(d["shards"], list):
+        raise CacheFormatError(f"{where}: shards must be a list")
+    if d["backend"] not in BACKENDS:
+        raise CacheFormatError(f"{where}: unknown backend {d['backend']!r}")
+    vocab = _int(d, "vocab_size", where, 1, MAX_VOCAB)
+    k = _int(d, "k", where, 1, min(vocab, MAX_K))
+    samples = _int(d, "samples", where, 1, MAX_COUNT, optional=True)
+    temps = d["temperatures"]
+    if not isinstance(temps, list) or not temps or any(
+        isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0) for t in temps
+    ) or len(set(temps)) != len(temps):
+        raise CacheFormatError(f"{where}: temperatures must be distinct finite positive numbers, got {temps!r}")
+    if not isinstance(d["codec"], dict):
+        raise CacheFormatError(f"{where}: codec must be an object, got {d['codec']!r}")
+    try:
+        codec.CodecParams(**d["codec"])
+        get_kind(d["targets"]).check_settings(k, vocab, [float(t) for t in temps], samples)
+    except (TypeError, ValueError) as e:
+        raise CacheFormatError(f"{where}: {e}") from None
+    return {"targets": d["targets"], "k": k, "vocab_size": vocab, "temperatures": [float(t) for t in temps],
+            "samples": samples, "backend": d["backend"], "codec": dict(d["codec"])}
+
+
+def _build_state(state: object, where: str) -> BuildState | None:
+    if state is None:
+        return None
+    skipped = state.get("skipped_bad") if isinstance(state, dict) else None
+    if not isinstance(skipped, list) or not isinstance(state.get("complete"), bool) or not all(
+        _is_int(i) and i >= 0 for i in skipped
+    ):
+        raise CacheFormatError(f"{where}: build_state must hold complete (true/false) and skipped_bad (indices)")
+    return BuildState(state["complete"], list(skipped))
 
 
 def load_manifest(fs, root: str) -> Manifest:
@@ -193,9 +290,12 @@ def load_manifest(fs, root: str) -> Manifest:
     if not fs.exists(path):
         what = "does not exist" if not fs.exists(root) else f"has no {MANIFEST_NAME}"
         raise CacheFormatError(f"{root} {what}: not a softcache cache (build one with `softcache build`)")
+    size = check_plain_file(fs, path, root)
+    if size > MAX_MANIFEST_BYTES:
+        raise CacheFormatError(f"{path}: {size:,} bytes is too large for a manifest; the file was replaced or damaged")
     try:
         data = json.loads(fs.cat_file(path))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CacheFormatError(f"{path}: manifest is not valid JSON ({e})") from None
     return Manifest.from_dict(data, path)
 
@@ -204,6 +304,8 @@ def save_manifest(fs, root: str, manifest: Manifest) -> None:
     """Atomically replace the manifest: write a temporary file, then rename it over the old one."""
     data = manifest.to_dict()
     Manifest.from_dict(data, "manifest to save")  # the same checks as on reading: never save what cannot load
+    if not manifest.checksummed:  # an old cache being appended to: it is checksummed from now on
+        manifest.checksummed = True
     path = join(root, MANIFEST_NAME)
     tmp = join(root, tmp_name(MANIFEST_NAME))
     with fs.open(tmp, "wb") as f:

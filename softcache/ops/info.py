@@ -28,6 +28,7 @@ def summary(cache: Cache) -> dict:
         "entries_per_token": entries / tokens if tokens and entries else None,
         "bytes_per_entry": nbytes / entries if entries else None,
         "teacher": m.metadata.get("teacher"),
+        "manifest_checksum": "verified" if m.checksummed else "none (written before manifests were checksummed)",
     }
     if cache.kind.can_retemper:  # stored log-probs are quantised (sampled counts are exact)
         out["max_logprob_error"] = f"{params.max_logprob_error:.4g} nats / T"

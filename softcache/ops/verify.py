@@ -37,6 +37,11 @@ def verify(path_or_url, storage_options: dict | None = None, decode: bool = True
         if not fs.exists(path):
             report.problems.append((name, "missing"))
             continue
+        try:
+            cache.shard(s)  # regular files only, of the recorded size, header settings as in the manifest
+        except CorruptShardError as e:
+            report.problems.append((name, str(e)))
+            continue
         size, digest = shard_digest(fs, path)
         if size != entry.bytes or digest != entry.sha256:
             report.problems.append((name, f"checksum mismatch ({size} bytes, manifest says {entry.bytes})"))
