@@ -30,10 +30,12 @@ from pathlib import Path
 
 import torch
 
-from softcache.build_plan import BackgroundWriter, batches, windows
-from softcache.data_sources import Sequences, load_rows, tokenize
+from softcache.build.inputs import Sequences, load_rows, tokenize
+from softcache.build.plan import BackgroundWriter, batches, windows
+from softcache.build.teacher import TeacherHead
 from softcache.demo import corpus_path, teacher_path
-from softcache.teacher_model import TeacherHead
+from softcache.kinds import get_kind
+from softcache.sparsify import Sparsifier
 
 MODES = ("forward", "full-logits", "build")
 
@@ -66,10 +68,10 @@ def run_mode(args) -> dict:
     n = int((seqs.lengths.cumsum() < args.tokens).sum()) + 1
     groups = [g for a, b in windows(seqs.lengths[:n], 8 * args.batch_tokens) for g in batches(seqs.lengths, a, b,
                                                                                               args.batch_tokens)]
-    head = TeacherHead(model, args.k, "topk", [1.0, 2.0], None, 0)
+    head = TeacherHead(model, Sparsifier(get_kind("topk"), args.k, (1.0, 2.0)))
     out = tempfile.mkdtemp()
     writer = CacheWriter(out, vocab_size=head.vocab_size, k=args.k, temperatures=(1.0, 2.0))
-    bg = BackgroundWriter(writer, "topk", []) if args.mode == "build" else None
+    bg = BackgroundWriter(writer) if args.mode == "build" else None
 
     def padded(group):
         lengths = [int(seqs.lengths[i]) for i in group]
