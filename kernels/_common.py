@@ -153,27 +153,58 @@ def flatten_inputs(
     return logits2d, ids2d, lp2d, labels1d
 
 
-def check_ids(vocab: int, target_ids: torch.Tensor, labels: torch.Tensor | None, ignore_index: int) -> None:
-    """Raise ValueError for target ids outside [-1, V) or labels outside [0, V) that are not ignore_index.
+LOGPROB_TOL = 1e-4  # log(1) may round slightly above 0; the cache writer allows the same
 
-    One fused device reduction and one host read (a sync on CUDA); turn it off with ``check_ids=False``.
+
+def check_targets(
+    vocab: int,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    ignore_index: int,
+    *,
+    ids: bool = True,
+    logprobs: bool = True,
+) -> None:
+    """Raise ValueError naming the first bad row of (N, K) targets / (N,) labels; a no-op when both are False.
+
+    ``ids``: target ids outside [-1, V), labels outside [0, V) that are not ``ignore_index``.
+    ``logprobs``: teacher log-probs at real ids (in [0, V)) that are NaN, +inf or above ``LOGPROB_TOL``; -inf
+    (probability 0) is a log-probability, and padding slots (id -1) may hold anything.
+    One fused device reduction and one host read (a sync on CUDA), whichever checks are on.
     """
-    bad = ((target_ids < -1) | (target_ids >= vocab)).any()
-    if labels is not None:
-        bad = bad | (((labels < 0) | (labels >= vocab)) & (labels != ignore_index)).any()
-    if not bool(bad):
+    if not (ids or logprobs):
         return
-    bad_ids = (target_ids < -1) | (target_ids >= vocab)
-    if bad_ids.any():
-        row, slot = (int(i) for i in bad_ids.nonzero()[0])
+    bad_id = bad_lab = bad_lp = None
+    if ids:
+        bad_id = (target_ids < -1) | (target_ids >= vocab)
+        if labels is not None:
+            bad_lab = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if logprobs:
+        # ~(lp <= tol) is also true for NaN, which every ordered comparison answers False
+        bad_lp = (target_ids >= 0) & (target_ids < vocab) & ~(target_logprobs <= LOGPROB_TOL)
+    slots = bad_lp if bad_id is None else (bad_id if bad_lp is None else bad_id | bad_lp)
+    bad = slots.any(-1) if bad_lab is None else slots.any(-1) | bad_lab
+    if not bool(bad.any()):
+        return
+    if bad_id is not None and bad_id.any():
+        row, slot = (int(i) for i in bad_id.nonzero()[0])
         raise ValueError(
             f"target_ids[{row}, {slot}] = {int(target_ids[row, slot])} (row index after flattening leading dims) "
             f"is outside [-1, V={vocab}); ids must be < vocab_size and padding must be -1"
         )
-    bad_lab = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    row = int(bad_lab.nonzero()[0, 0])
+    if bad_lab is not None and bad_lab.any():
+        row = int(bad_lab.nonzero()[0, 0])
+        raise ValueError(
+            f"labels[{row}] = {int(labels[row])} is outside [0, V={vocab}) and is not ignore_index={ignore_index}"
+        )
+    row, slot = (int(i) for i in bad_lp.nonzero()[0])
     raise ValueError(
-        f"labels[{row}] = {int(labels[row])} is outside [0, V={vocab}) and is not ignore_index={ignore_index}"
+        f"target_logprobs[{row}, {slot}] = {float(target_logprobs[row, slot])} at target id "
+        f"{int(target_ids[row, slot])} (row index after flattening leading dims) is not a log-probability: teacher "
+        f"log-probs must be <= 0 (up to {LOGPROB_TOL} of rounding) or -inf, never NaN or +inf. Fix the targets where "
+        "they are made (the teacher's logits, the tempering), or set that row's target_ids to -1 to drop it; "
+        "check_inputs=False skips this check"
     )
 
 

@@ -21,6 +21,12 @@ dH and dW products.
 The PyTorch backend (``fused_linear_torch.py``) processes chunks of rows (at most chunk x V logits at a time)
 and computes the gradients in forward already when the reduction is 'mean' or 'sum' (backward only scales them by
 grad_output); with reduction='none' the per-row grad_output is unknown in forward, so it recomputes in backward.
+
+Non-finite inputs, as in ``sparse_kl.py``: a row that counts and whose logits hold a NaN or +inf (a NaN or inf
+hidden state, or an overflow) has loss NaN and a non-finite gradient; as with materialised logits, that NaN then
+reaches all of dW and db through the matmul. A row that does not count (ignored label, no target ids) stays
+inert even when its hidden state is NaN (say a fully masked padding position): its loss is 0, its dH row is 0,
+and its hidden state is read as 0 for dW, where the chain rule alone would give 0 * nan = nan.
 """
 
 from __future__ import annotations
@@ -31,8 +37,7 @@ import torch
 from torch import nn
 
 from ._backend import fused_linear_triton, use_triton_for
-from ._common import LossConfig, LossParams, counted_rows, flatten_inputs, make_config, row_scale
-from ._common import check_ids as _check_ids
+from ._common import LossConfig, LossParams, check_targets, counted_rows, flatten_inputs, make_config, row_scale
 from .fused_linear_torch import fused_linear_torch
 from .sparse_kl_torch import row_terms
 
@@ -63,10 +68,11 @@ def _extended_ids(target_ids, labels, vocab, cfg):
 
 
 def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab, scale, cfg):
-    """Per-row losses (N,) and the gradient coefficients: coef (N, K [+1]) at the extended ids and row (6, N) =
-    (max_s, logsum_s, c_s, max_z, logsum_z, c_z), where lse_* = (max, logsum) pairs from the forward kernel
+    """Per-row losses (N,) and the gradient coefficients: coef (N, K [+1]) at the extended ids and row (7, N) =
+    (max_s, logsum_s, c_s, max_z, logsum_z, c_z, counted), where lse_* = (max, logsum) pairs from the forward kernel
     (logsumexp = max + logsum, kept apart for accuracy) and max = +inf on rows that do not count (their dense
-    gradient is then exactly 0)."""
+    gradient is then exactly 0; backward reads their hidden states as 0). When the loss needs no log-normaliser
+    (tail='restrict' without CE), ``lse_s`` is still given: NaN log-sums mark rows with a NaN or +inf logit."""
     need_s, need_z, shared = _plan(cfg)
     k = target_ids.shape[1]
     ids = target_ids.long()
@@ -78,10 +84,13 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
     s_k = zg[:, :k] * inv_t
     lq_k = (s_k - lse_s[0][:, None]) - lse_s[1][:, None] if need_s else None
     d, big_a, a = row_terms(s_k, lq_k, target_logprobs.float(), valid, cfg)
+    if not need_s and not need_z:  # no log-normaliser carries a NaN or +inf logit into the row: add it
+        poison = torch.where(torch.isnan(lse_s[1]), float("nan"), 0.0)
+        d, a = d + poison, a + poison[:, None]
     zero = torch.zeros_like(d)
     row = cfg.soft_weight * d
     soft = torch.where(counted, scale * (cfg.soft_weight * inv_t), zero)
-    coef = torch.where(valid, a * soft[:, None], torch.zeros_like(a))
+    coef = torch.where(valid & counted[:, None], a * soft[:, None], torch.zeros_like(a))  # 0, not 0 * nan
     c_s = -big_a * soft if need_s else zero
     c_z = zero
     if cfg.has_ce:
@@ -96,10 +105,11 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
         else:
             c_z = ce_c
     inf = torch.full_like(d, float("inf"))
-    m_s, l_s = (torch.where(counted, lse_s[0], inf), lse_s[1]) if need_s else (inf, zero)
-    m_z, l_z = (torch.where(counted, lse_z[0], inf), lse_z[1]) if need_z else (inf, zero)
+    m_s, l_s = (torch.where(counted, lse_s[0], inf), torch.where(counted, lse_s[1], zero)) if need_s else (inf, zero)
+    m_z, l_z = (torch.where(counted, lse_z[0], inf), torch.where(counted, lse_z[1], zero)) if need_z else (inf, zero)
     losses = torch.where(counted, row, zero)
-    return losses, coef.contiguous(), torch.stack([m_s, l_s, c_s, m_z, l_z, c_z]).contiguous()
+    stacked = torch.stack([m_s, l_s, c_s, m_z, l_z, c_z, counted.to(d.dtype)])
+    return losses, coef.contiguous(), stacked.contiguous()
 
 
 class FusedLinearSparseKLFunction(torch.autograd.Function):
@@ -117,8 +127,9 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
             ops = fused_linear_triton()
             need_s, need_z, _ = _plan(cfg)
             ids_ext = _extended_ids(target_ids, labels, vocab, cfg)
-            lse_s, lse_z, zg = ops.fused_forward_triton(hidden, weight, bias, ids_ext, 1.0 / cfg.temperature, need_s,
-                                                         need_z)  # fmt: skip
+            # need neither: lse_s is computed anyway, only to see NaN / +inf logits (the matmul dominates the cost)
+            lse_s, lse_z, zg = ops.fused_forward_triton(hidden, weight, bias, ids_ext, 1.0 / cfg.temperature,
+                                                         need_s or not need_z, need_z)  # fmt: skip
             losses, coef, row = _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab,
                                                   scale, cfg)  # fmt: skip
             ctx.mode = "triton"
@@ -203,6 +214,7 @@ def fused_linear_sparse_kl_loss(
     scale_by_t2: bool = True,
     backend: str = "auto",
     check_ids: bool = True,
+    check_inputs: bool = True,
     grad_skip_eps: float = 0.0,
 ) -> torch.Tensor:
     """``sparse_kl_loss(hidden @ weight.T + bias, target_ids, target_logprobs, ...)`` without the (N, V) logits.
@@ -213,7 +225,9 @@ def fused_linear_sparse_kl_loss(
         target_ids, target_logprobs: (..., K) sparse teacher targets, as for :func:`sparse_kl_loss`.
         bias: optional (V,) output-layer bias.
         temperature, kind, tail, beta, labels, alpha, ignore_index, reduction, num_items_in_batch, scale_by_t2,
-            backend, check_ids: exactly as for :func:`sparse_kl_loss` (``inplace_grad`` has no meaning here).
+            backend, check_ids, check_inputs: exactly as for :func:`sparse_kl_loss` (``inplace_grad`` has no
+            meaning here), except that the checks are skipped while torch.compile traces the call: they need a
+            host read, which would break the graph (fullgraph=True fails on it). Run one eager step to check.
         grad_skip_eps: Triton backend only. When > 0, backward skips a (rows x vocab) tile whose softmax
             probabilities are all below this value and which holds no target id or label (the Cut Cross-Entropy
             filter; CCE uses eps(dtype) / 32, i.e. 2**-12 for bf16). Approximate: the dropped gradient is at most
@@ -248,8 +262,8 @@ def fused_linear_sparse_kl_loss(
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     vocab = weight.shape[0]
-    if check_ids:
-        _check_ids(vocab, ids2d, labels1d, cfg.ignore_index)
+    if not torch.compiler.is_compiling():
+        check_targets(vocab, ids2d, lp2d, labels1d, cfg.ignore_index, ids=check_ids, logprobs=check_inputs)
     scale = row_scale(reduction, counted_rows(vocab, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
     out = FusedLinearSparseKLFunction.apply(hidden2d, weight, bias, ids2d, lp2d.detach(), labels1d, scale, params)
     return out.reshape(lead) if reduction == "none" else out
@@ -274,6 +288,7 @@ class FusedLinearSparseKLLoss(nn.Module):
         scale_by_t2: bool = True,
         backend: str = "auto",
         check_ids: bool = True,
+        check_inputs: bool = True,
         grad_skip_eps: float = 0.0,
     ) -> None:
         super().__init__()
@@ -284,7 +299,7 @@ class FusedLinearSparseKLLoss(nn.Module):
         self.options = dict(
             temperature=temperature, kind=kind, tail=tail, beta=beta, alpha=alpha, ignore_index=ignore_index,
             reduction=reduction, scale_by_t2=scale_by_t2, backend=backend, check_ids=check_ids,
-            grad_skip_eps=grad_skip_eps,
+            check_inputs=check_inputs, grad_skip_eps=grad_skip_eps,
         )  # fmt: skip
 
     def forward(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import sparse_kl_torch
-from ._common import LossConfig
+from ._common import LossConfig, counted_rows
 
 
 def fused_linear_torch(
@@ -54,7 +54,9 @@ def fused_linear_torch(
         if need_dh:
             dh[r0:r1] = grad @ weight
         if need_dw:
-            dw.addmm_(grad.t().to(acc_dtype), h.to(acc_dtype))
+            # the gradient rows of rows that do not count are 0, but their hidden states may be NaN: 0 * nan = nan
+            live = counted_rows(vocab, target_ids[r0:r1], lab, cfg.ignore_index)
+            dw.addmm_(grad.t().to(acc_dtype), h.masked_fill(~live[:, None], 0.0).to(acc_dtype))
         if need_db:
             db += grad.sum(0, dtype=acc_dtype)
     return losses, (

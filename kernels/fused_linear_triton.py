@@ -52,16 +52,16 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _logits_tile(
-    h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS: tl.constexpr,
+    h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_in, cols, V, H, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """fp32 tile z[rows, cols] = h[rows] . w[cols] (+ b[cols]); out-of-range rows/cols read as 0."""
+    """fp32 tile z[rows, cols] = h[rows] . w[cols] (+ b[cols]); rows outside ``row_in`` and cols >= V read as 0."""
     offs_h = tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + offs_h
-        a = tl.load(h_ptr + rows[:, None] * h_stride + hh[None, :], mask=(rows[:, None] < N) & (hh[None, :] < H),
+        a = tl.load(h_ptr + rows[:, None] * h_stride + hh[None, :], mask=row_in[:, None] & (hh[None, :] < H),
                     other=0.0)  # fmt: skip
         b = tl.load(w_ptr + cols[None, :] * w_stride + hh[:, None], mask=(cols[None, :] < V) & (hh[:, None] < H),
                     other=0.0)  # fmt: skip
@@ -102,7 +102,7 @@ def _fused_forward_kernel(
     for t in range(t_begin, t_end):
         v0 = t * BLOCK_N
         cols = (v0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS,
+        z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_ok, cols, V, H, HAS_BIAS,
                          BLOCK_M, BLOCK_N, BLOCK_H, PRECISION, UPCAST)  # fmt: skip
         z = tl.where(cols[None, :] < V, z, NEG_INF)
         if NEED_S:
@@ -149,6 +149,8 @@ def _fused_backward_kernel(
     cols = (v0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     col_ok = cols < v_end
+    # Rows that do not count have no gradient; their hidden states read as 0, so a NaN there cannot reach dW.
+    row_in = row_ok & (tl.load(row_ptr + 6 * N + rows, mask=row_ok, other=0.0) != 0.0)
 
     # Count the target ids in the tile first: a tile without any can be skipped (no dense term, or SKIP).
     n_hits = 0
@@ -160,11 +162,11 @@ def _fused_backward_kernel(
     if DENSE_S or DENSE_Z:
         work = 1
     if work > 0:
-        z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, cols, N, V, H, HAS_BIAS,
+        z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_in, cols, V, H, HAS_BIAS,
                          BLOCK_M, BLOCK_N, BLOCK_H, PRECISION, UPCAST)  # fmt: skip
         dz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         p_max = 0.0
-        # row_ptr holds (6, N): max_s, logsum_s, c_s, max_z, logsum_z, c_z; max = +inf where the row does not count.
+        # row_ptr holds (7, N): max_s, logsum_s, c_s, max_z, logsum_z, c_z, counted; max = +inf where not counted.
         if DENSE_S:
             m_s = tl.load(row_ptr + rows, mask=row_ok, other=float("inf"))
             l_s = tl.load(row_ptr + N + rows, mask=row_ok, other=0.0)
@@ -188,7 +190,7 @@ def _fused_backward_kernel(
                 if tl.sum(hit.to(tl.int32), axis=0) > 0:
                     ck = tl.load(coef_ptr + rows * K1 + k, mask=hit, other=0.0)
                     dz += tl.where(cols[None, :] == idk[:, None], ck[:, None], 0.0)
-        tile_ok = row_ok[:, None] & col_ok[None, :]
+        tile_ok = row_in[:, None] & col_ok[None, :]
         dz = tl.where(tile_ok, dz, 0.0)
         keep = 1
         if SKIP:  # rows past N have probability 0; columns past the slice can only keep a tile, never drop one
@@ -208,7 +210,7 @@ def _fused_backward_kernel(
                     tl.atomic_add(dh_ptr + rows[:, None] * dh_stride + hh[None, :], dh,
                                   mask=row_ok[:, None] & h_ok[None, :], sem="relaxed")  # fmt: skip
                 if COMPUTE_DW:
-                    a = tl.load(h_ptr + rows[:, None] * h_stride + hh[None, :], mask=row_ok[:, None] & h_ok[None, :],
+                    a = tl.load(h_ptr + rows[:, None] * h_stride + hh[None, :], mask=row_in[:, None] & h_ok[None, :],
                                 other=0.0)  # fmt: skip
                     dw = _dot(tl.trans(dz_mm), a, tl.zeros((BLOCK_N, BLOCK_H), tl.float32), PRECISION, UPCAST)
                     tl.atomic_add(dw_ptr + (cols - v_begin)[:, None] * dw_stride + hh[None, :], dw,
@@ -308,9 +310,10 @@ def fused_backward_triton(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dH, dW, db) in the dtypes of hidden, weight and bias (None where not needed).
 
-    coef (N, K1) fp32: the gradient at ids_ext; row (6, N) fp32: max and log_sum of z / T, the dense coefficient
+    coef (N, K1) fp32: the gradient at ids_ext; row (7, N) fp32: max and log_sum of z / T, the dense coefficient
     of softmax(z / T), max and log_sum of z, the dense coefficient of softmax(z) (coefficients already multiplied by
-    grad_output and the mean's 1/denominator; max = +inf on rows whose dense gradient is 0).
+    grad_output and the mean's 1/denominator; max = +inf on rows whose dense gradient is 0), and 1 where the row
+    counts, 0 where its hidden state is to be read as 0.
     """
     n, h = hidden.shape
     vocab = weight.shape[0]

@@ -143,7 +143,9 @@ def causal_lm_sparse_kl_loss(
         labels: HF convention (labels = input_ids, -100 where ignored); shifted here to the token each position
             predicts, so the last position and ignored tokens do not count.
         return_outputs: also return the model's outputs (for auxiliary losses such as MoE router losses).
-        **loss_options: keyword options of ``fused_linear_sparse_kl_loss`` (temperature, kind, tail, alpha, ...).
+        **loss_options: keyword options of ``fused_linear_sparse_kl_loss`` (temperature, kind, tail, alpha, ...),
+            among them ``check_ids`` and ``check_inputs`` (on by default: NaN, +inf or positive teacher log-probs
+            raise ValueError naming the row; one host sync per call, none with both False).
 
     Returns:
         the loss, or (loss, outputs) with ``return_outputs``.

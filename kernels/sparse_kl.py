@@ -34,8 +34,15 @@ torch.compile: the forward and the backward scaling are registered as custom ops
 (``torch.ops.softcache.sparse_kl_fwd`` / ``sparse_kl_fwd_inplace`` / ``scale_grad_``) with fake
 implementations, and the autograd.Function around them is traceable, so compiled graphs hold the loss
 without a graph break. The Function takes one frozen ``SparseKLParams``; the ops, whose schema allows only
-plain scalars, take the fields of its ``LossConfig`` one by one. The id check (one host read) runs inside
-the op and is invisible to the tracer.
+plain scalars, take the fields of its ``LossConfig`` one by one. The input checks (one host read) run inside
+the op and are invisible to the tracer, so they run in compiled graphs too.
+
+Non-finite inputs. A NaN or +inf student logit in a row that counts makes that row's loss NaN (and its gradient
+non-finite) on both backends, as the formulas do: log_softmax of such a row is NaN everywhere (+inf - +inf = NaN).
+This holds for every tail, also tail='restrict', whose loss reads only the K gathered logits: a NaN elsewhere in
+the row still means the student is broken, and a finite loss would hide it. A -inf logit is probability 0 and
+allowed. Rows that do not count have loss 0 and a gradient of exactly 0 whatever their logits hold. Teacher
+log-probs are checked (``check_inputs``), not propagated.
 """
 
 from dataclasses import dataclass
@@ -47,7 +54,7 @@ from ._backend import sparse_kl_triton, use_triton_for
 from ._common import (
     LossConfig,
     LossParams,
-    check_ids,
+    check_targets,
     counted_rows,
     flatten_inputs,
     make_config,
@@ -60,13 +67,14 @@ from .sparse_kl_torch import sparse_kl_forward_torch
 class SparseKLParams(LossParams):
     """``LossParams`` plus the options of :func:`sparse_kl_loss` that only this op has."""
 
-    check_ids: bool  # validate ids inside the op (one host read)
+    check_ids: bool  # validate ids inside the op (one host read, shared with check_inputs)
+    check_inputs: bool  # validate teacher log-probs inside the op
     inplace_grad: bool  # write the gradient over the logits
 
 
-def _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, grad, use_triton, check):
-    if check:
-        check_ids(logits.shape[1], target_ids, labels, cfg.ignore_index)
+def _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, grad, use_triton, check, check_inputs):
+    check_targets(logits.shape[1], target_ids, target_logprobs, labels, cfg.ignore_index, ids=check,
+                  logprobs=check_inputs)  # fmt: skip
     forward = sparse_kl_triton().sparse_kl_forward_triton if use_triton else sparse_kl_forward_torch
     return forward(logits, target_ids, target_logprobs, labels, scale, cfg, grad)
 
@@ -93,17 +101,19 @@ def _sparse_kl_fwd(
     compute_grad: bool,
     use_triton: bool,
     check: bool,
+    check_inputs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (N,) float32 and the gradient (N, V) in the logits' dtype (empty if not compute_grad)."""
     cfg = LossConfig(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
     grad = torch.empty_like(logits) if compute_grad else None
-    losses = _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, grad, use_triton, check)
+    losses = _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, grad, use_triton, check,
+                           check_inputs)  # fmt: skip
     return losses, grad if grad is not None else logits.new_empty(0)
 
 
 @_sparse_kl_fwd.register_fake
 def _(logits, target_ids, target_logprobs, labels, scale, kind, tail, temperature, beta, soft_weight, ce_weight,
-      ignore_index, compute_grad, use_triton, check):  # fmt: skip
+      ignore_index, compute_grad, use_triton, check, check_inputs):  # fmt: skip
     losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
     return losses, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
 
@@ -124,15 +134,17 @@ def _sparse_kl_fwd_inplace(
     ignore_index: int,
     use_triton: bool,
     check: bool,
+    check_inputs: bool,
 ) -> torch.Tensor:
     """Per-row losses (N,); overwrites ``logits`` with the gradient."""
     cfg = LossConfig(kind, tail, temperature, beta, soft_weight, ce_weight, ignore_index)
-    return _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, logits, use_triton, check)
+    return _forward_impl(logits, target_ids, target_logprobs, labels, scale, cfg, logits, use_triton, check,
+                         check_inputs)  # fmt: skip
 
 
 @_sparse_kl_fwd_inplace.register_fake
 def _(logits, target_ids, target_logprobs, labels, scale, kind, tail, temperature, beta, soft_weight, ce_weight,
-      ignore_index, use_triton, check):  # fmt: skip
+      ignore_index, use_triton, check, check_inputs):  # fmt: skip
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
@@ -164,13 +176,14 @@ class SparseKLFunction(torch.autograd.Function):
         scalars = _config_scalars(params.config)
         if compute_grad and params.inplace_grad:
             losses = torch.ops.softcache.sparse_kl_fwd_inplace(
-                logits, target_ids, target_logprobs, labels, scale, *scalars, params.use_triton, params.check_ids
-            )
+                logits, target_ids, target_logprobs, labels, scale, *scalars, params.use_triton, params.check_ids,
+                params.check_inputs,
+            )  # fmt: skip
             grad = logits
         else:
             losses, grad = torch.ops.softcache.sparse_kl_fwd(
                 logits, target_ids, target_logprobs, labels, scale, *scalars, compute_grad, params.use_triton,
-                params.check_ids,
+                params.check_ids, params.check_inputs,
             )  # fmt: skip
         if compute_grad:
             ctx.save_for_backward(grad)
@@ -203,6 +216,7 @@ def sparse_kl_loss(
     scale_by_t2: bool = True,
     backend: str = "auto",
     check_ids: bool = True,
+    check_inputs: bool = True,
     inplace_grad: bool = False,
 ) -> torch.Tensor:
     """Distillation loss between student ``logits`` (..., V) and sparse teacher targets (..., K).
@@ -224,6 +238,11 @@ def sparse_kl_loss(
         backend: 'auto' (Triton on CUDA, PyTorch elsewhere), 'triton' or 'torch'.
         check_ids: raise ValueError for ids outside [-1, V) and labels outside [0, V) (not ignore_index).
             Costs one device reduction and one host sync; with False, such ids are treated as padding.
+        check_inputs: raise ValueError naming the first row whose teacher log-prob at a real id is NaN, +inf or
+            above 1e-4 (rounding may put log(1) slightly above 0; -inf is probability 0 and fine; padding slots
+            with id -1 may hold anything). Shares the one reduction and host sync of ``check_ids``; with both
+            False the call has no host sync and no checking overhead. Runs inside the op, so also under
+            torch.compile(fullgraph=True). NaN/+inf in ``logits`` are not checked: they make the row's loss NaN.
         inplace_grad: write the gradient over ``logits`` during forward, saving one (N, V) buffer. Safe only
             when nothing reads these logits afterwards (typical: ``logits = lm_head(h)`` used by this loss
             alone; the matmul's backward needs h and the weight, not its output). The values of ``logits``
@@ -232,6 +251,9 @@ def sparse_kl_loss(
 
     Returns:
         float32 scalar (or per-row float32 for reduction='none'). Gradient flows to ``logits`` only.
+        A row that counts and holds a NaN or +inf logit has loss NaN (so 'mean' and 'sum' are NaN) and a
+        non-finite gradient on both backends; a -inf logit is probability 0. Rows that do not count give 0 and a
+        zero gradient whatever their logits hold.
     """
     cfg = make_config(
         temperature=temperature, kind=kind, tail=tail, beta=beta, has_labels=labels is not None, alpha=alpha,
@@ -241,7 +263,7 @@ def sparse_kl_loss(
     logits2d, ids2d, lp2d, labels1d = flatten_inputs(logits, target_ids, target_logprobs, labels)
     params = SparseKLParams(
         config=cfg, reduction=reduction, use_triton=use_triton_for(backend, logits.device),
-        check_ids=bool(check_ids), inplace_grad=bool(inplace_grad),
+        check_ids=bool(check_ids), check_inputs=bool(check_inputs), inplace_grad=bool(inplace_grad),
     )  # fmt: skip
     vocab = logits2d.shape[1]
     scale = row_scale(reduction, counted_rows(vocab, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
@@ -268,6 +290,7 @@ class SparseKLLoss(nn.Module):
         scale_by_t2: bool = True,
         backend: str = "auto",
         check_ids: bool = True,
+        check_inputs: bool = True,
         inplace_grad: bool = False,
     ) -> None:
         super().__init__()
@@ -278,7 +301,7 @@ class SparseKLLoss(nn.Module):
         self.options = dict(
             temperature=temperature, kind=kind, tail=tail, beta=beta, alpha=alpha, ignore_index=ignore_index,
             reduction=reduction, scale_by_t2=scale_by_t2, backend=backend, check_ids=check_ids,
-            inplace_grad=inplace_grad,
+            check_inputs=check_inputs, inplace_grad=inplace_grad,
         )  # fmt: skip
 
     def forward(

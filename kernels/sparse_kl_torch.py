@@ -129,9 +129,16 @@ def sparse_kl_forward_torch(
         logq = torch.log_softmax(s, dim=-1) if cfg.tail != 2 else None
         shared = cfg.has_ce and logq is not None and inv_t == 1.0
         logq1 = (logq if shared else torch.log_softmax(x, dim=-1)) if cfg.has_ce else None
+        # log_softmax spreads a NaN or +inf logit over its row (+inf - +inf = nan); tail='restrict' without a
+        # cross-entropy reads only the K gathered logits, so it looks at the row once (amax propagates NaN).
+        poison = None
+        if logq is None and logq1 is None:
+            poison = torch.where(x.amax(-1) < float("inf"), 0.0, float("nan")).to(compute)
         del x, s
         lq_k = logq.gather(1, ids_safe) if logq is not None else None
         d, big_a, a = row_terms(s_k, lq_k, target_logprobs[r0:r1].to(compute), valid, cfg)
+        if poison is not None:
+            d, a = d + poison, a + poison[:, None]
         row = cfg.soft_weight * d
         if cfg.has_ce:
             row = row - cfg.ce_weight * logq1.gather(1, lab_safe)[:, 0]
@@ -152,5 +159,6 @@ def sparse_kl_forward_torch(
         g.scatter_add_(1, ids_safe, torch.where(valid, a * soft[:, None], torch.zeros_like(a)))
         if cfg.has_ce:
             g.scatter_add_(1, lab_safe, -ce_c[:, None])
+        g.masked_fill_(~counted[:, None], 0.0)  # their coefficients are 0, but 0 * nan = nan
         grad[r0:r1] = g
     return losses

@@ -12,6 +12,11 @@ barrier, the K (+ label) positions with their exact values. The values at those 
 fp32 *before* pass 2 into a small (N, K) scratch, so the gradient may overwrite the logits in place.
 Duplicate ids are separate bins: the fix-ups of equal ids are summed (a K x K compare in chunks), and every
 duplicate slot stores the same value.
+
+A NaN or +inf logit makes the online sum of pass 1 NaN (exp(nan), or exp(+inf - +inf)), and that NaN is carried
+into the row's log-normaliser and from there, explicitly, into its loss and gradient, as the torch backend's
+log_softmax does; tail='restrict' without a cross-entropy needs no log-normaliser, so pass 1 only counts such
+logits there. Rows that do not count skip pass 1 and write a gradient of exactly 0.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ._common import EPS, LOG_EPS, LossConfig
 MAX_BLOCK_V = 8192
 # Globals read inside @triton.jit functions must be constexpr.
 NEG_INF = tl.constexpr(float("-inf"))
+POS_INF = tl.constexpr(float("inf"))
 _EPS = tl.constexpr(EPS)
 _LOG_EPS = tl.constexpr(LOG_EPS)
 
@@ -66,6 +72,12 @@ def _neg_expm1(x):
 
 
 @triton.jit
+def _log_normaliser(m, d):
+    """m + log(d) from an online max m and sum d: NaN where d is NaN or 0."""
+    return tl.where(d != 0.0, m + tl.log(tl.where(d == 0.0, 1.0, d)), float("nan"))
+
+
+@triton.jit
 def _dense_grad(x, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S: tl.constexpr, HAS_CE: tl.constexpr):
     """Dense part of the gradient at logits x: dense_c * softmax(x / T) + ce_c * softmax(x)."""
     out = tl.zeros_like(x)
@@ -83,7 +95,7 @@ def _sparse_kl_kernel(
     loss_ptr, fix_ptr,
     V, K, inv_t, soft_w, ce_w, beta, ignore_index,
     KIND: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    NEED_S: tl.constexpr, SHARE_LSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    NEED_S: tl.constexpr, SHARE_LSE: tl.constexpr, SCAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -102,10 +114,12 @@ def _sparse_kl_kernel(
         label_ok = counted & (label >= 0) & (label < V)
 
     # Pass 1: online log-sum-exp of s = z / T (and of z at T = 1 for the cross-entropy); skipped when ignored.
+    # SCAN (no log-sum-exp needed): count the NaN and +inf logits instead.
     m_s = NEG_INF
     d_s = 0.0
     m_z = NEG_INF
     d_z = 0.0
+    n_bad = 0
     v_end = tl.where(counted, V, 0)
     for start in range(0, v_end, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
@@ -121,15 +135,26 @@ def _sparse_kl_kernel(
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
             d_z = d_z * tl.exp(m_z - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
             m_z = m_new
-    # +inf for rows that do not count: every exp(x - lse) below is then 0, never inf * 0.
+        if SCAN:
+            n_bad += tl.sum(((x != x) | (x == POS_INF)).to(tl.int32), axis=0)
+    # +inf for rows that do not count: every exp(x - lse) below is then 0, never inf * 0. A NaN sum (a NaN or +inf
+    # logit) must pass through: the guards compare with == / != (False / True for NaN), never clamp it away. A sum
+    # of 0 (every logit -inf: no distribution) is NaN too, as torch's log_softmax gives.
     lse_s = float("inf")
     if NEED_S:
-        lse_s = tl.where(counted & (d_s > 0), m_s + tl.log(tl.maximum(d_s, 1e-30)), float("inf"))
+        lse_s = tl.where(counted, _log_normaliser(m_s, d_s), float("inf"))
     lse_z = float("inf")
     if SHARE_LSE:
         lse_z = lse_s
     elif HAS_CE:
-        lse_z = tl.where(counted & (d_z > 0), m_z + tl.log(tl.maximum(d_z, 1e-30)), float("inf"))
+        lse_z = tl.where(counted, _log_normaliser(m_z, d_z), float("inf"))
+    # NaN when a NaN or +inf logit reached lse_s, or SCAN counted one; added to the loss and the gradient's scale
+    # because the clamps of the bin terms (tl.maximum, like the GPU's max) would drop it. lse_z needs no such help.
+    poison = 0.0
+    if NEED_S:
+        poison = tl.where(lse_s != lse_s, float("nan"), 0.0)
+    if SCAN:
+        poison = tl.where(n_bad > 0, float("nan"), 0.0)
 
     # Per-row scalars from the K gathered logits and teacher log-probs.
     z_k = tl.load(x_row + ids, mask=valid, other=NEG_INF).to(tl.float32)
@@ -169,7 +194,7 @@ def _sparse_kl_kernel(
         else:
             a = w - q * tl.sum(w, axis=0)
             big_a = 0.0
-    loss = soft_w * div
+    loss = soft_w * div + poison
     z_label = 0.0
     if HAS_CE:
         z_label = tl.load(x_row + label, mask=label_ok, other=0.0).to(tl.float32)
@@ -178,7 +203,7 @@ def _sparse_kl_kernel(
 
     if COMPUTE_GRAD:
         scale = tl.load(scale_ptr).to(tl.float32)
-        soft_c = tl.where(counted, soft_w * scale * inv_t, 0.0)
+        soft_c = tl.where(counted, soft_w * scale * inv_t + poison, 0.0)
         dense_c = -big_a * soft_c
         delta = tl.where(valid, a * soft_c, 0.0)
         ce_c = tl.where(label_ok, ce_w * scale, 0.0)
@@ -194,7 +219,7 @@ def _sparse_kl_kernel(
             val += tl.sum(tl.where(ids_c[:, None] == ids[None, :], delta[None, :], 0.0), axis=1)
             if HAS_CE:
                 val -= tl.where(ids_c == label, ce_c, 0.0)
-            tl.store(fix_ptr + row * K + offs_c, val, mask=in_c)
+            tl.store(fix_ptr + row * K + offs_c, tl.where(counted, val, 0.0), mask=in_c)  # 0, not 0 * nan
         label_val = 0.0
         if HAS_CE:
             label_val = _dense_grad(z_label, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S, HAS_CE)
@@ -206,7 +231,7 @@ def _sparse_kl_kernel(
             offs = start + tl.arange(0, BLOCK_V)
             msk = offs < V
             x = tl.load(x_row + offs, mask=msk, other=NEG_INF).to(tl.float32)
-            out = _dense_grad(x, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S, HAS_CE)
+            out = tl.where(counted, _dense_grad(x, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S, HAS_CE), 0.0)
             tl.store(g_row + offs, out.to(grad_ptr.dtype.element_ty), mask=msk)
         tl.debug_barrier()  # the fix-ups below overwrite positions other threads just wrote
         for c in range(0, K, CHUNK_K):
@@ -268,7 +293,8 @@ def sparse_kl_forward_triton(
         losses, fix,
         vocab, k, 1.0 / cfg.temperature, cfg.soft_weight, cfg.ce_weight, cfg.beta, cfg.ignore_index,
         KIND=cfg.kind, TAIL=cfg.tail, HAS_LABELS=labels is not None, HAS_CE=cfg.has_ce,
-        NEED_S=cfg.tail != 2, SHARE_LSE=cfg.tail != 2 and cfg.temperature == 1.0, COMPUTE_GRAD=compute_grad,
+        NEED_S=cfg.tail != 2, SHARE_LSE=cfg.tail != 2 and cfg.temperature == 1.0,
+        SCAN=cfg.tail == 2 and not cfg.has_ce, COMPUTE_GRAD=compute_grad,
         BLOCK_V=block_v, BLOCK_K=block_k, CHUNK_K=chunk_k, num_warps=num_warps,
     )  # fmt: skip
     return losses
