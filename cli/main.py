@@ -147,6 +147,9 @@ def stats(path: str, temperature: float | None, max_tokens: int, plot_path: str 
 @click.option("--limit", type=int, default=None, help="Use only the first N rows.")
 @click.option("--chat-template", is_flag=True, help="--field holds chat messages; render them with the "
               "tokenizer's chat template.")
+@click.option("--mask", type=click.Choice(["assistant", "all", "completion"]), default=None,
+              help="Which tokens are trained (others store no targets and get labels -100): assistant turns "
+              "[default with --chat-template], all [default otherwise], or completion (prompt + completion columns).")
 @click.option("--batch-tokens", type=int, default=16384, show_default=True, help="Padded tokens per teacher batch.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher dtype [default: bf16 on CUDA, fp32 on CPU].")

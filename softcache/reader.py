@@ -16,7 +16,7 @@ from . import codec
 from .errors import CacheFormatError, CorruptShardError
 from .format import Manifest, ShardEntry, ShardReader, get_backend, join, load_manifest, open_fs
 from .format.fs import check_plain_file
-from .kinds import TargetKind
+from .kinds import EXTRAS, TargetKind
 
 
 class Cache:
@@ -67,7 +67,8 @@ class Cache:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         """Sequence ``i``: input_ids (L,) int64, target_ids (L, k) int32 (−1 padding), target_logprobs
         (L, k) float32 (teacher log-probs at T=1 for topk, log(count/N) for sampled; 0 at padding),
-        lognorm (L, n_temps) float32, and target_counts (L, k) int32 for sampled caches."""
+        lognorm (L, n_temps) float32, target_counts (L, k) int32 for sampled caches, and loss_mask (L,) bool for
+        caches that store one (token t is trained; targets are stored where token t + 1 is)."""
         shard, batch, j = self.locate(i)
         decoded = self.decoded_batch(shard, batch)
         a, b = decoded["offsets"][j], decoded["offsets"][j + 1]
@@ -190,11 +191,14 @@ class Cache:
         n_tokens = int(lengths.sum())
         if n_tokens > entry.tokens or (lengths < 1).any():  # checked before anything of size tokens × k is made
             raise ValueError(f"sequence lengths {lengths.tolist()[:8]} do not fit the shard's {entry.tokens} tokens")
-        return {
+        out = {
             "offsets": np.concatenate([[0], np.cumsum(lengths)]),
             "input_ids": codec.decode_tokens(streams["input_ids"], n_tokens),
             **self.kind.decode(streams, n_tokens, self.settings, order),
         }
+        for name in self.manifest.extras:
+            out.update(EXTRAS[name].decode(streams, n_tokens))
+        return out
 
     def close(self) -> None:
         for reader in self._readers.values():

@@ -31,7 +31,7 @@ from .format import (
 from .format.fs import holds_only_temporaries, is_tmp_name
 from .format.lock import CacheLock
 from .format.manifest import MAX_K, MAX_VOCAB
-from .kinds import TOKEN_STREAMS, as_array, get_kind
+from .kinds import EXTRAS, TOKEN_STREAMS, LossMask, as_array, get_kind
 from .sparsify import Sparsifier
 
 
@@ -60,6 +60,8 @@ class CacheWriter:
         seed: seed of the sampled draws (each sequence draws from its own stream: deterministic and
             independent of batching).
         chunk_elements: the largest fp32 buffer ``write_logits`` materialises (rows × V).
+        loss_mask: store which tokens are trained (``loss_mask=`` of the write methods; all when not given). Targets
+            are then stored only where the next token is trained, and the datasets give ``labels = -100`` elsewhere.
     """
 
     def __init__(
@@ -79,8 +81,10 @@ class CacheWriter:
         seed: int = 0,
         chunk_elements: int = 1 << 26,
         storage_options: dict | None = None,
+        loss_mask: bool = False,
     ) -> None:
         new = new_manifest(vocab_size, k, targets, temperatures, samples, backend, logprob_step, metadata or {})
+        new.extras = ["loss_mask"] if loss_mask else []
         if batch_tokens < 1 or shard_tokens < 1 or chunk_elements < 1:
             raise ValueError("batch_tokens, shard_tokens and chunk_elements must be positive")
         self.fs, self.root = open_fs(path_or_url, storage_options)
@@ -99,7 +103,7 @@ class CacheWriter:
         except BaseException:
             self._lock.release()
             raise
-        self._pending: list[tuple] = []  # (input_ids, target_ids, values, lognorm) per sequence
+        self._pending: list[tuple] = []  # (input_ids, target_ids, values, lognorm, extras) per sequence
         self._pending_tokens = 0
         self._shard = None
         self._shard_stats = [0, 0, 0]  # sequences, tokens, target entries
@@ -141,17 +145,19 @@ class CacheWriter:
 
     # -- public writing API --------------------------------------------------------------------
 
-    def write_logits(self, input_ids, logits, attention_mask=None) -> None:
+    def write_logits(self, input_ids, logits, attention_mask=None, loss_mask=None) -> None:
         """Add sequences from the teacher's logits.
 
         ``input_ids`` (L,) with ``logits`` (L, V), or (B, L) with (B, L, V) and optionally
         ``attention_mask`` (B, L) (positions with mask 0 are dropped). torch tensors on any device or
         numpy arrays. Top-k, normalisers and samples are computed on the logits' device in row chunks,
-        so no fp32 buffer larger than ``chunk_elements`` is created.
+        so no fp32 buffer larger than ``chunk_elements`` is created. ``loss_mask`` (shaped like ``input_ids``):
+        which tokens are trained, for a writer made with ``loss_mask=True`` (see :class:`~softcache.kinds.LossMask`).
         """
         self._check_open()
         ids, rows = _split_batch(input_ids, logits, attention_mask, self.settings.vocab_size)
-        for seq_ids, seq_logits in zip(ids, rows, strict=True):
+        masks = _split_mask(loss_mask, input_ids, attention_mask, len(ids))
+        for seq_ids, seq_logits, seq_mask in zip(ids, rows, masks, strict=True):
             index = self.num_sequences + len(self._pending)
             t_ids, values, lognorm, broken = self.sparsifier.sequence(seq_logits, index, self.chunk_elements)
             if broken.any():
@@ -159,19 +165,22 @@ class CacheWriter:
                     f"sequence {index}, position {int(np.flatnonzero(broken)[0])}: teacher logits are NaN, +inf or "
                     "all -inf; check the teacher's dtype (fp16 overflow) and inputs"
                 )
-            self._add(seq_ids, t_ids, values, lognorm)
+            self._add(seq_ids, t_ids, values, lognorm, seq_mask)
 
-    def write_targets(self, input_ids, target_ids, target_logprobs=None, lognorm=None, counts=None) -> None:
+    def write_targets(
+        self, input_ids, target_ids, target_logprobs=None, lognorm=None, counts=None, loss_mask=None
+    ) -> None:
         """Add one sequence from precomputed targets.
 
         topk: ``target_ids`` (L, k') with k' ≤ k and −1 padding, ``target_logprobs`` (L, k') teacher
         log-probs at T=1, ``lognorm`` (L, n_temps) the exact n_τ (may be omitted when the only captured
-        temperature is 1). sampled: ``target_ids`` and ``counts`` (L, k').
+        temperature is 1). sampled: ``target_ids`` and ``counts`` (L, k'). ``loss_mask`` (L,): as for
+        :meth:`write_logits`; targets at positions whose next token is not trained are dropped.
         """
         values = counts if self.kind.values_name == "counts" else target_logprobs
-        self.write_values(input_ids, target_ids, values, lognorm)
+        self.write_values(input_ids, target_ids, values, lognorm, loss_mask)
 
-    def write_values(self, input_ids, target_ids, values, lognorm=None) -> None:
+    def write_values(self, input_ids, target_ids, values, lognorm=None, loss_mask=None) -> None:
         """:meth:`write_targets` with the kind's values positional: log-probs (topk) or counts (sampled)."""
         self._check_open()
         vocab_size, k = self.settings.vocab_size, self.settings.k
@@ -184,7 +193,7 @@ class CacheWriter:
             raise ValueError(f"target_ids must lie in [-1, vocab_size={vocab_size}); -1 marks padding")
         _check_unique(target_ids)
         values, lognorm = self.kind.check_targets(target_ids, values, lognorm, self.settings)
-        self._add(input_ids, target_ids, values, lognorm)
+        self._add(input_ids, target_ids, values, lognorm, loss_mask)
 
     # -- buffering, encoding, commits ------------------------------------------------------------
 
@@ -193,13 +202,26 @@ class CacheWriter:
         """Sequences committed or buffered so far (the index the next sequence will have, minus buffered)."""
         return self.manifest.num_sequences + self._shard_stats[0]
 
-    def _add(self, input_ids, target_ids, values, lognorm) -> None:
+    def _add(self, input_ids, target_ids, values, lognorm, loss_mask=None) -> None:
+        if "loss_mask" in self.manifest.extras:
+            mask = LossMask().check(np.ones(len(input_ids), bool) if loss_mask is None else loss_mask, len(input_ids))
+            drop = ~LossMask.targets_stored(mask)
+            target_ids, values = target_ids.copy(), values.copy()
+            target_ids[drop], values[drop] = -1, 0
+            if lognorm is not None:
+                lognorm = lognorm.copy()
+                lognorm[drop] = 0
+            extras = {"loss_mask": mask}
+        elif loss_mask is not None:
+            raise ValueError(f"{self.url} stores no loss mask; create the writer with loss_mask=True to store one")
+        else:
+            extras = {}
         k = self.settings.k
         pad = k - target_ids.shape[1]
         if pad:
             target_ids = np.pad(target_ids, ((0, 0), (0, pad)), constant_values=-1)
             values = np.pad(values, ((0, 0), (0, pad)))
-        self._pending.append((np.asarray(input_ids, np.int64), target_ids, values, lognorm))
+        self._pending.append((np.asarray(input_ids, np.int64), target_ids, values, lognorm, extras))
         self._pending_tokens += len(input_ids)
         if self._pending_tokens >= self.batch_tokens:
             self._flush_batch()
@@ -219,6 +241,8 @@ class CacheWriter:
         }
         lognorm = None if seqs[0][3] is None else np.concatenate([p[3] for p in seqs])
         streams.update(self.kind.encode(target_ids, values, lognorm, self.settings, self._order))
+        for name in self.manifest.extras:
+            streams.update(EXTRAS[name].encode(np.concatenate([p[4][name] for p in seqs])))
         self._shard.write_batch(streams, len(seqs))
         self._pending, self._pending_tokens = [], 0
         self._shard_stats[0] += len(seqs)
@@ -238,7 +262,7 @@ class CacheWriter:
 
     @property
     def _streams(self) -> list[str]:
-        return [*TOKEN_STREAMS, *self.kind.streams]
+        return [*TOKEN_STREAMS, *self.kind.streams, *(s for name in self.manifest.extras for s in EXTRAS[name].streams)]
 
     def _commit_shard(self) -> None:
         shard, self._shard = self._shard, None
@@ -270,6 +294,7 @@ class CacheWriter:
             backend=options.pop("backend", manifest.backend),
             metadata=options.pop("metadata", manifest.metadata),
             logprob_step=manifest.codec["logprob_step"],
+            loss_mask="loss_mask" in manifest.extras,
             **options,
         )
 
@@ -397,6 +422,20 @@ def _check_unique(target_ids: np.ndarray) -> None:
         pos = int(np.flatnonzero(dup.any(-1))[0])
         twice = int(srt[pos, 1:][dup[pos]][0])
         raise ValueError(f"target_ids at position {pos}: duplicate id {twice}; each id must be unique per position")
+
+
+def _split_mask(loss_mask, input_ids, attention_mask, n: int) -> list:
+    """``loss_mask`` cut like :func:`_split_batch` cuts the input ids (None for each sequence when not given)."""
+    if loss_mask is None:
+        return [None] * n
+    mask = as_array(loss_mask, "loss_mask")
+    shape = tuple(getattr(input_ids, "shape", np.shape(input_ids)))
+    if mask.shape != shape:
+        raise ValueError(f"loss_mask must have the shape of input_ids {shape}, got {tuple(mask.shape)}")
+    if mask.ndim == 1:
+        return [mask]
+    keep = as_array(attention_mask, "attention_mask").astype(bool) if attention_mask is not None else None
+    return [mask[b] if keep is None else mask[b, keep[b]] for b in range(n)]
 
 
 def _split_batch(input_ids, logits, attention_mask, vocab_size):

@@ -1,5 +1,9 @@
 """Datasets for the teacher pass: load ``--data``, pick the text column, tokenise, pack or truncate.
 
+With a loss mask (``--mask``), each token also gets whether it is trained: ``assistant`` (chat data: the assistant
+turns, from the chat template's ``{% generation %}`` blocks where it has them, else from the boundaries of the rendered
+turns) or ``completion`` (``prompt`` + ``completion`` columns: the completion and the EOS after it).
+
 The result is a :class:`Sequences`: a fixed, ordered list of token sequences (dataset order) with random
 access, which the build splits into windows, ranks and batches. It is a pure function of the data and the
 options, so a resumed or multi-process build sees exactly the same sequences.
@@ -111,25 +115,104 @@ def _texts(batch: list, field: str, first_row: int, spec: str, tokenizer, chat_t
 @dataclass
 class Tokenized:
     """Documents as one flat token array; document ``d`` is ``tokens[offsets[d]:offsets[d+1]]`` and came
-    from dataset row ``rows[d]`` (empty documents are dropped)."""
+    from dataset row ``rows[d]`` (empty documents are dropped). ``mask``: which tokens are trained, or None
+    when all are; ``mask_source`` says how it was found."""
 
     tokens: np.ndarray
     offsets: np.ndarray
     rows: np.ndarray
     empty_rows: int
+    mask: np.ndarray | None = None
+    mask_source: str | None = None
+
+
+MASKS = ("all", "assistant", "completion")
+
+
+def resolve_mask(mask: str | None, chat_template: bool) -> str:
+    """``--mask``: given, or ``assistant`` with ``--chat-template`` and ``all`` without."""
+    mask = mask or ("assistant" if chat_template else "all")
+    if mask not in MASKS:
+        raise DataError(f"--mask must be one of {', '.join(MASKS)}, got {mask!r}")
+    if mask == "assistant" and not chat_template:
+        raise DataError("--mask assistant needs --chat-template (a messages column rendered with the chat template)")
+    if mask == "completion" and chat_template:
+        raise DataError("--mask completion reads prompt and completion text columns; drop --chat-template")
+    return mask
+
+
+def _has_generation_blocks(tokenizer) -> bool:
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    return "{% generation %}" in template.replace("{%-", "{%").replace("-%}", "%}")
+
+
+def _chat_masked(tokenizer, messages: list, where: str) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and its assistant mask. Without ``{% generation %}`` in the template, the
+    tokens each assistant message adds to the conversation rendered up to it (after the generation prompt)."""
+    if _has_generation_blocks(tokenizer):
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(out["input_ids"]), list(out["assistant_masks"])
+
+    def render(conversation, prompt: bool) -> list[int]:
+        return list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                                  add_generation_prompt=prompt)["input_ids"])
+
+    ids = render(messages, False)
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start, end = len(render(messages[:i], True)), render(messages[: i + 1], False)
+        if ids[: len(end)] != end:
+            raise DataError(
+                f"{where}: the chat template does not render conversations as prefixes of each other, so the "
+                "assistant turns cannot be found from turn boundaries; use a template with {% generation %} blocks, "
+                "or --mask all"
+            )
+        mask[start : len(end)] = [1] * (len(end) - start)
+    return ids, mask
+
+
+def _completion_masked(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """``prompt + completion`` tokenised (as TRL's prompt-completion data), the completion and a final EOS trained."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + completion)["input_ids"]
+    if ids[: len(prompt_ids)] != prompt_ids:  # the boundary merged into one token: tokenise the two apart
+        ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = [*ids, tokenizer.eos_token_id]
+    return ids, [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
 
 
 def tokenize(
-    ds, spec: str, tokenizer, field: str | None, chat_template: bool, vocab_size: int, progress: bool
+    ds, spec: str, tokenizer, field: str | None, chat_template: bool, vocab_size: int, progress: bool,
+    mask: str = "all",
 ) -> Tokenized:
     from tqdm.auto import tqdm
 
-    field, pretokenised = _pick_field(ds, spec, field, chat_template)
-    pieces, rows, empty, step = [], [], 0, 1000
+    if mask == "completion":
+        missing = [c for c in ("prompt", "completion") if c not in ds.column_names]
+        if missing:
+            raise DataError(f"--mask completion needs columns prompt and completion; {spec} lacks {missing}")
+        field, pretokenised = "prompt", False
+    else:
+        field, pretokenised = _pick_field(ds, spec, field, chat_template)
+    pieces, masks, rows, empty, step = [], [], [], 0, 1000
     bar = tqdm(total=len(ds), desc="tokenising", unit="row", disable=not progress, leave=False)
     for start in range(0, len(ds), step):
         batch = ds[start : start + step][field]
-        if pretokenised:
+        row_masks = None
+        if mask == "assistant":
+            _texts(batch, field, start, spec, tokenizer, chat_template)  # the same checks of every row
+            pairs = [_chat_masked(tokenizer, m, f"{spec}, row {start + j}") for j, m in enumerate(batch)]
+            ids, row_masks = [p[0] for p in pairs], [p[1] for p in pairs]
+        elif mask == "completion":
+            completions = ds[start : start + step]["completion"]
+            pairs = [_completion_masked(tokenizer, p or "", c or "") for p, c in zip(batch, completions, strict=True)]
+            ids, row_masks = [p[0] for p in pairs], [p[1] for p in pairs]
+        elif pretokenised:
             ids = batch
         else:
             texts = _texts(batch, field, start, spec, tokenizer, chat_template)
@@ -145,13 +228,19 @@ def tokenize(
                 empty += 1
                 continue
             pieces.append(seq.astype(np.int32))  # half the memory of int64; vocabularies are far below 2^31
+            if row_masks is not None:
+                masks.append(np.asarray(row_masks[j], bool))
             rows.append(start + j)
         bar.update(len(batch))
     bar.close()
     if not pieces:
         raise DataError(f"{spec}: all {len(ds)} rows are empty after tokenisation (column {field!r}); nothing to build")
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
-    return Tokenized(np.concatenate(pieces), offsets, np.asarray(rows, np.int64), empty)
+    source = {"all": None, "completion": "prompt/completion columns"}.get(mask) or (
+        "{% generation %} blocks" if _has_generation_blocks(tokenizer) else "rendered turn boundaries"
+    )
+    return Tokenized(np.concatenate(pieces), offsets, np.asarray(rows, np.int64), empty,
+                     np.concatenate(masks) if masks else None, source)
 
 
 class Sequences:
@@ -166,13 +255,18 @@ class Sequences:
         if max_length < 1:
             raise DataError(f"--max-length must be positive, got {max_length}")
         self.max_length, self.pack = max_length, pack
+        self._mask = docs.mask
         if pack:
             if separator is not None:
                 lengths = np.diff(docs.offsets) + 1
                 stream = np.full(int(lengths.sum()), separator, np.int32)
+                mask = np.zeros(len(stream), bool)  # a separator is never trained
                 ends = np.cumsum(lengths)
                 for d in range(len(lengths)):
                     stream[ends[d] - lengths[d] : ends[d] - 1] = docs.tokens[docs.offsets[d] : docs.offsets[d + 1]]
+                    if docs.mask is not None:
+                        mask[ends[d] - lengths[d] : ends[d] - 1] = docs.mask[docs.offsets[d] : docs.offsets[d + 1]]
+                self._mask = mask if docs.mask is not None else None
             else:
                 stream = docs.tokens
             self._stream = stream
@@ -194,6 +288,10 @@ class Sequences:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self._stream[self.starts[i] : self.starts[i] + self.lengths[i]]
+
+    def mask(self, i: int) -> np.ndarray | None:
+        """Which tokens of sequence ``i`` are trained, or None when the build has no loss mask."""
+        return None if self._mask is None else self._mask[self.starts[i] : self.starts[i] + self.lengths[i]]
 
     def describe(self, i: int) -> str:
         """Where sequence ``i`` comes from, for error messages."""

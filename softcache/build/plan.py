@@ -64,7 +64,8 @@ class BackgroundWriter:
         self._thread.start()
 
     def put(self, items: list[tuple[int, np.ndarray, tuple | None]]) -> None:
-        """``items``: (sequence index, input_ids, (target_ids, values, lognorm) or None when skipped)."""
+        """``items``: (sequence index, input_ids, (target_ids, values, lognorm) or None when skipped, loss mask or
+        None)."""
         while True:
             self._raise_if_failed()
             try:
@@ -87,11 +88,11 @@ class BackgroundWriter:
     def _run(self) -> None:
         try:
             while (items := self._queue.get()) is not None:
-                for index, input_ids, result in items:
+                for index, input_ids, result, mask in items:
                     if result is None:
                         self.writer.manifest.build_state.skipped_bad.append(int(index))
                     else:
-                        self.writer.write_values(input_ids, *result)
+                        self.writer.write_values(input_ids, *result, loss_mask=mask)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self._error = e
             while self._queue.get() is not None:  # drain so that the producer never blocks forever

@@ -32,7 +32,7 @@ from ..sparsify import Sparsifier
 from ..writer import CacheWriter, new_manifest
 from .distributed import Dist, check_out, merge_rank_caches, prepare_out, rank_path
 from .gguf import teacher_info as gguf_teacher_info
-from .inputs import Sequences, load_rows, tokenize
+from .inputs import Sequences, load_rows, resolve_mask, tokenize
 from .plan import BackgroundWriter, batches, rank_windows, windows
 from .teacher import TeacherHead, load_teacher, resolve_device, resolve_dtype
 
@@ -82,6 +82,7 @@ def build(
     split: str = "train",
     limit: int | None = None,
     chat_template: bool = False,
+    mask: str | None = None,
     batch_tokens: int = 16384,
     dtype: str | None = None,
     device: str | None = None,
@@ -110,6 +111,7 @@ def build(
         raise ValueError("--targets sampled needs --samples N (draws per position, e.g. 50)")
     # Everything that can be checked without the teacher is checked before it loads (that can take minutes).
     new_manifest(MAX_VOCAB, k, targets, temps, samples, backend)
+    mask = resolve_mask(mask, chat_template)
     check_out(out)
     if not show:
         import datasets
@@ -128,12 +130,13 @@ def build(
     if k > vocab:
         raise ValueError(f"--k {k} is larger than the teacher's vocabulary ({vocab}); use --k ≤ {vocab}")
 
-    docs = tokenize(rows, data, tokenizer, field, chat_template, vocab, show)
+    docs = tokenize(rows, data, tokenizer, field, chat_template, vocab, show, mask)
     seqs = Sequences(docs, max_length, pack, tokenizer.eos_token_id)
     head.check_against_full_forward(torch.from_numpy(seqs[0][:16].astype("int64"))[None])
 
     settings = dict(vocab_size=vocab, k=k, targets=targets, temperatures=temps, samples=samples, backend=backend,
-                    shard_tokens=shard_tokens, batch_tokens=min(4096, max(1, shard_tokens // 4)), seed=seed)
+                    shard_tokens=shard_tokens, batch_tokens=min(4096, max(1, shard_tokens // 4)), seed=seed,
+                    loss_mask=mask != "all")
     build_id = {
         "teacher_config_sha256": config_hash(model.config),
         "tokenizer_vocab_sha256": vocab_fingerprint(tokenizer),
@@ -146,6 +149,8 @@ def build(
     gguf = gguf_teacher_info(teacher)  # file name, sha256, quantisation; None unless --teacher is a GGUF file
     if gguf is not None:  # another file (another quantisation) is another build, even with the same config
         build_id["teacher_gguf_sha256"] = gguf["sha256"]
+    if mask != "all":  # (a key only when masked: builds without a mask keep the identity they always had)
+        build_id["mask"] = mask
     metadata = {
         "teacher": {"path": os.path.abspath(teacher) if os.path.exists(teacher) else teacher, "revision": revision,
                     "class": type(model).__name__, "config_sha256": build_id["teacher_config_sha256"],
@@ -156,6 +161,9 @@ def build(
         "build": build_id,
         "data": {"rows": len(rows), "empty_rows": docs.empty_rows, "sequences": len(seqs), "tokens": seqs.num_tokens},
     }
+    if mask != "all":
+        trained = int(docs.mask.sum())
+        metadata["loss_mask"] = {"mode": mask, "source": docs.mask_source, "trained_tokens": trained}
     result = BuildResult(out=out, skipped_empty=docs.empty_rows, is_main=dist.rank == 0)
     done = prepare_out(out, metadata, settings, overwrite, dist)
     if done is not None:
@@ -210,13 +218,13 @@ def _run(head, seqs, wins, resume_at, writer, batch_tokens, skip_bad, show) -> i
             todo_here = range(max(a, resume_at), b)
             first_bad = next((i for i in todo_here if results[i] is None), None)
             if first_bad is not None and not skip_bad:
-                bg.put([(i, seqs[i], results[i]) for i in range(todo_here.start, first_bad)])
+                bg.put([(i, seqs[i], results[i], seqs.mask(i)) for i in range(todo_here.start, first_bad)])
                 raise ValueError(
                     f"teacher logits are NaN, +inf or all -inf in {seqs.describe(first_bad)}; check the teacher's "
                     "--dtype (fp16 overflows) and that sequence, or pass --skip-bad to skip such sequences (they are "
                     "counted in the manifest)"
                 )
-            bg.put([(i, seqs[i], results[i]) for i in todo_here])
+            bg.put([(i, seqs[i], results[i], seqs.mask(i)) for i in todo_here])
     finally:
         bar.close()
         bg.close()  # sequences already handed over are valid: write them, so that a rerun continues after them

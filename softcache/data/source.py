@@ -1,7 +1,8 @@
 """What both datasets share: the cache handle (reopened in each process), targets at one temperature, items.
 
 An *item* is one sequence as a training loop wants it: ``input_ids``, ``attention_mask`` (ones), ``labels``
-(= ``input_ids``, the Hugging Face convention: the model or trainer shifts) and ``target_ids`` /
+(= ``input_ids``, the Hugging Face convention: the model or trainer shifts; −100 at tokens a cache's loss mask
+does not train) and ``target_ids`` /
 ``target_logprobs`` at the dataset's temperature. Position ``t`` of the targets is the teacher's distribution
 of token ``t+1``, i.e. what the student's logits at ``t`` predict, exactly as stored in the cache.
 """
@@ -126,10 +127,13 @@ class CacheSource:
             b = min(b, a + self.max_length)
         input_ids = decoded["input_ids"][a:b].copy()
         target_ids = decoded["target_ids"][a:b].copy()
+        labels = input_ids.copy()
+        if "loss_mask" in decoded:  # untrained tokens: −100, so the soft and the hard term both skip them
+            labels[~decoded["loss_mask"][a:b]] = -100
         return {
             "input_ids": input_ids,
             "attention_mask": np.ones_like(input_ids),
-            "labels": input_ids.copy(),
+            "labels": labels,
             "target_ids": target_ids,
             "target_logprobs": self.tempering(target_ids, decoded["target_logprobs"][a:b], decoded["lognorm"][a:b]),
         }

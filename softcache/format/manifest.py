@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from .. import codec
 from .._version import __version__
 from ..errors import CacheFormatError
-from ..kinds import KINDS, Settings, TargetKind, get_kind
+from ..kinds import EXTRAS, KINDS, Settings, TargetKind, get_kind
 from .base import BACKENDS
 from .fs import check_plain_file, join, tmp_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 caches hold extra per-position streams (``extras``, e.g. a loss mask) that a version-1 reader would
+silently ignore; caches without extras are still written as version 1, so older softcache reads them."""
 MANIFEST_NAME = "softcache.json"
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REQUIRED = ("format_version", "targets", "k", "vocab_size", "temperatures", "backend", "codec", "shards")
@@ -146,7 +148,8 @@ class Manifest:
     metadata: dict = field(default_factory=dict)
     shards: list[ShardEntry] = field(default_factory=list)
     build_state: BuildState | None = None
-    format_version: int = FORMAT_VERSION
+    extras: list[str] = field(default_factory=list)
+    format_version: int = 1
     softcache_version: str = __version__
     checksummed: bool = True
     """False for a manifest written before manifests carried their own checksum (it was not verified)."""
@@ -173,8 +176,11 @@ class Manifest:
         return sum(s.bytes for s in self.shards)
 
     def fixed(self) -> dict:
-        """The settings every writer of this cache must share (:data:`FIXED_KEYS`)."""
-        return {key: getattr(self, key) for key in FIXED_KEYS}
+        """The settings every writer of this cache must share (:data:`FIXED_KEYS`, and its extras if any)."""
+        fixed = {key: getattr(self, key) for key in FIXED_KEYS}
+        if self.extras:
+            fixed["extras"] = list(self.extras)
+        return fixed
 
     def shard_settings(self) -> bytes:
         """What each shard's header repeats (everything that decodes it; not the backend, which convert changes)."""
@@ -184,7 +190,7 @@ class Manifest:
     def to_dict(self) -> dict:
         d = {
             "format": "softcache",
-            "format_version": self.format_version,
+            "format_version": max(self.format_version, 2 if self.extras else 1),
             "softcache_version": self.softcache_version,
             **self.fixed(),
             "metadata": self.metadata,
@@ -264,13 +270,18 @@ def _check_fields(d: dict, where: str) -> dict:
         raise CacheFormatError(f"{where}: temperatures must be distinct finite positive numbers, got {temps!r}")
     if not isinstance(d["codec"], dict):
         raise CacheFormatError(f"{where}: codec must be an object, got {d['codec']!r}")
+    extras = d.get("extras", [])
+    if not isinstance(extras, list) or not all(isinstance(e, str) and e in EXTRAS for e in extras):
+        raise CacheFormatError(f"{where}: extras must list known streams ({', '.join(EXTRAS)}), got {extras!r}")
+    if extras and d["format_version"] < 2:
+        raise CacheFormatError(f"{where}: extras need format_version 2")
     try:
         codec.CodecParams(**d["codec"])
         get_kind(d["targets"]).check_settings(k, vocab, [float(t) for t in temps], samples)
     except (TypeError, ValueError) as e:
         raise CacheFormatError(f"{where}: {e}") from None
     return {"targets": d["targets"], "k": k, "vocab_size": vocab, "temperatures": [float(t) for t in temps],
-            "samples": samples, "backend": d["backend"], "codec": dict(d["codec"])}
+            "samples": samples, "backend": d["backend"], "codec": dict(d["codec"]), "extras": list(extras)}
 
 
 def _build_state(state: object, where: str) -> BuildState | None:
