@@ -9,7 +9,7 @@ import torch
 
 import softcache
 
-out = "tests/data/format_v1"
+out = "tests/format/format_v1_caches"  # written as tests/data/format_v1, moved here unchanged
 shutil.rmtree(out, ignore_errors=True)
 os.makedirs(out)
 rng = np.random.default_rng(1234)

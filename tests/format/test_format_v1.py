@@ -1,8 +1,8 @@
 """Caches written before the package was reshaped (format_version 1, commit 87c5912) open and decode unchanged.
 
-``tests/data/format_v1`` holds one tiny cache of each backend and kind, written by ``make.py`` with the code of
-that commit, and ``expected.npz``: every record and ``Cache.targets`` at every captured temperature as it decoded
-then.
+``format_v1_caches/`` beside this file holds one tiny cache of each backend and kind, written by ``make.py`` with the
+code of that commit, and ``expected.npz``: every record and ``Cache.targets`` at every captured temperature as it
+decoded then.
 """
 
 import shutil
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from softcache.ops import verify
 
 import softcache
+from softcache.ops import verify
 
-DATA = Path(__file__).parent / "data" / "format_v1"
+DATA = Path(__file__).parent / "format_v1_caches"
 NAMES = ["topk_arrow", "sampled_arrow", "topk_zarr", "sampled_zarr"]
 
 
