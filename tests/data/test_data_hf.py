@@ -7,7 +7,6 @@ import pickle
 import datasets
 import numpy as np
 import pytest
-from test_data import make_cache
 from torch.utils.data import DataLoader
 
 import softcache
@@ -17,7 +16,7 @@ KEYS = ("input_ids", "attention_mask", "labels", "target_ids", "target_logprobs"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, make_cache):
     return make_cache(str(tmp_path_factory.mktemp("hf") / "c"), seed=7, n=19)[0]
 
 

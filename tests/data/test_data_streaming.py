@@ -7,7 +7,6 @@ import pickle
 
 import numpy as np
 import pytest
-from test_data import make_cache
 from torch.utils.data import DataLoader
 
 import softcache
@@ -15,7 +14,7 @@ from softcache import SoftTargetDataset, StreamingSoftTargetDataset
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, make_cache):
     """About 40 batches in several shards."""
     return make_cache(str(tmp_path_factory.mktemp("stream") / "c"), seed=3, n=90, max_len=40)[0]
 
@@ -39,7 +38,7 @@ def read(ds, num_workers=0, epoch=0) -> list[int]:
 
 
 @pytest.mark.parametrize("backend", ["arrow", "zarr"])
-def test_unshuffled_stream_equals_the_map_style_items(tmp_path, backend):
+def test_unshuffled_stream_equals_the_map_style_items(make_cache, tmp_path, backend):
     cache = make_cache(str(tmp_path / "c"), seed=4, n=17, backend=backend)[0]
     stream = StreamingSoftTargetDataset(cache.url, temperature=0.5, max_length=9, shuffle=False)
     assert (stream.vocab_size, stream.k, stream.temperature) == (cache.vocab_size, cache.k, 0.5)
@@ -105,7 +104,7 @@ def test_even_gives_every_rank_the_same_batches(cache):
     assert sum(plain) == len(cache)
 
 
-def test_even_refuses_readers_without_batches(tmp_path):
+def test_even_refuses_readers_without_batches(make_cache, tmp_path):
     small = make_cache(str(tmp_path / "c"), n=2, max_len=5)[0]
     with pytest.raises(ValueError, match="too few for 2 ranks"):
         list(StreamingSoftTargetDataset(small, rank=0, world_size=2, even=True))
@@ -185,7 +184,7 @@ def test_stateful_dataloader_resumes_mid_epoch(cache, num_workers):
         assert head + [rows(b) for b in second] == full
 
 
-def test_streams_a_sampled_cache_from_an_fsspec_url():
+def test_streams_a_sampled_cache_from_an_fsspec_url(make_cache):
     import uuid
 
     import fsspec

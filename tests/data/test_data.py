@@ -1,7 +1,6 @@
 """SoftTargetDataset, collate and check_student against the cache and float64 references.
 
-The cache helpers here (``make_cache``, ``log_softmax64``, ``sequences``) are shared by the other
-``test_data_*`` files.
+The caches come from conftest's ``make_cache``, made in the shape below (``SHAPE``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import softcache
-from softcache import CacheWriter, SoftTargetDataset, open_cache, reader
+from softcache import CacheWriter, SoftTargetDataset, reader
 from softcache.data import BatchGroupedSampler, Collator
 from softcache.identity import vocab_fingerprint
 
@@ -25,6 +24,7 @@ K = 7  # odd
 TEMPS = (1.0, 2.0, 0.5)
 STEP = 1 / 64  # the writer's default logprob_step: decoded lp/τ − n_τ is within STEP/τ of exact
 SAMPLES = 9
+SHAPE = dict(vocab=V, k=K, temperatures=TEMPS, samples=SAMPLES)
 
 
 def log_softmax64(z) -> np.ndarray:
@@ -33,37 +33,14 @@ def log_softmax64(z) -> np.ndarray:
     return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
-def make_cache(root, seed=0, n=23, backend="arrow", targets="topk", max_len=30, metadata=None):
-    """A cache of ``n`` random sequences in several shards and batches → (cache, input ids, float32 logits)."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, max_len, size=n)
-    ids = [rng.integers(0, V, size=int(L)) for L in lengths]
-    logits = [(rng.standard_normal((int(L), V)) * 3).astype(np.float32) for L in lengths]
-    opts = {"temperatures": TEMPS} if targets == "topk" else {"temperatures": (2.0,), "samples": SAMPLES}
-    with CacheWriter(
-        root,
-        vocab_size=V,
-        k=K if targets == "topk" else SAMPLES,
-        targets=targets,
-        backend=backend,
-        batch_tokens=50,
-        shard_tokens=160,
-        metadata=metadata,
-        **opts,
-    ) as w:
-        for i, z in zip(ids, logits, strict=True):
-            w.write_logits(i, z)
-    return open_cache(root), ids, logits
-
-
 @pytest.fixture(scope="module", params=["arrow", "zarr"])
-def topk(request, tmp_path_factory):
-    return make_cache(str(tmp_path_factory.mktemp("topk") / "c"), seed=1, backend=request.param)
+def topk(request, tmp_path_factory, make_cache):
+    return make_cache(str(tmp_path_factory.mktemp("topk") / "c"), seed=1, backend=request.param, **SHAPE)
 
 
 @pytest.fixture(scope="module")
-def sampled(tmp_path_factory):
-    return make_cache(str(tmp_path_factory.mktemp("sampled") / "c"), seed=2, targets="sampled")
+def sampled(tmp_path_factory, make_cache):
+    return make_cache(str(tmp_path_factory.mktemp("sampled") / "c"), seed=2, targets="sampled", **SHAPE)
 
 
 def check_item(item, cache, i, temperature, z, length=None):
@@ -346,10 +323,10 @@ class FakeTokenizer:
         return dict(self.vocab)
 
 
-def test_check_student_vocab_sizes(tmp_path):
+def test_check_student_vocab_sizes(make_cache, tmp_path):
     import transformers
 
-    ds = SoftTargetDataset(make_cache(str(tmp_path / "c"), n=3)[0])
+    ds = SoftTargetDataset(make_cache(str(tmp_path / "c"), n=3, **SHAPE)[0])
     config = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=2)  # fmt: skip
     for student, extra in ((V, 0), (128, 27)):
@@ -366,11 +343,11 @@ def test_check_student_vocab_sizes(tmp_path):
         ds.check_student(SimpleNamespace())
 
 
-def test_check_student_tokenizer(tmp_path):
+def test_check_student_tokenizer(make_cache, tmp_path):
     tok = FakeTokenizer({f"t{i}": i for i in range(V)})
     meta = {"tokenizer": {"vocab_sha256": vocab_fingerprint(tok), "size": V}}
-    with_fp, _, _ = make_cache(str(tmp_path / "fp"), n=3, metadata=meta)
-    without, _, _ = make_cache(str(tmp_path / "none"), n=3)
+    with_fp, _, _ = make_cache(str(tmp_path / "fp"), n=3, metadata=meta, **SHAPE)
+    without, _, _ = make_cache(str(tmp_path / "none"), n=3, **SHAPE)
     ds = SoftTargetDataset(with_fp)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
