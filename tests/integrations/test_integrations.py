@@ -2,14 +2,12 @@
 module, and a student that learns from the demo teacher's cache. Tiny Llama students on the CPU.
 
 References are ``sparse_kl_loss`` on the model's own logits in float64 (the kernels are tested against a float64
-formula in test_kernels.py), with the labels shifted by hand.
+formula in tests/kernels/test_kernels.py), with the labels shifted by hand.
 """
 
 import copy
-import functools
 import math
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -20,46 +18,7 @@ import softcache
 from softcache.integrations.hf import DistillationTrainer
 from softcache.integrations.loss import DistillationLoss, supports_fused
 
-V, K = 203, 6
-LENGTHS = (17, 9, 23, 12, 5)
-
-
-@functools.cache
-def demo_cache_path(root) -> str:
-    """The demo teacher's cache (18 sequences of 64 tokens), built once per session under ``root``."""
-    from softcache.build import build_demo
-
-    out = str(root / "demo-cache")
-    build_demo(out, quiet=True, limit=32, max_length=64)
-    return out
-
-
-@pytest.fixture(scope="session")
-def random_cache(tmp_path_factory):
-    """A topk cache (captured at T = 1 and 2) of random logits over an odd vocabulary, sequences of odd lengths."""
-    path = str(tmp_path_factory.mktemp("integrations") / "cache")
-    rng = np.random.default_rng(0)
-    with softcache.CacheWriter(path, vocab_size=V, k=K, temperatures=(1.0, 2.0)) as writer:
-        for length in LENGTHS:
-            ids = rng.integers(0, V, size=length)
-            writer.write_logits(ids, (rng.standard_normal((length, V)) * 3).astype(np.float32))
-    return path
-
-
-def student(vocab=V, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
-
-
-def arguments(tmp_path, **overrides):
-    options = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no",
-                   disable_tqdm=True, per_device_train_batch_size=2, per_device_eval_batch_size=8, max_steps=1,
-                   lr_scheduler_type="constant", seed=0)  # fmt: skip
-    return transformers.TrainingArguments(**{**options, **overrides})
+V, K = 203, 6  # random_cache's vocabulary and k (conftest.py)
 
 
 def reference_loss(model, batch, *, temperature, alpha, vocab=None):
@@ -71,20 +30,10 @@ def reference_loss(model, batch, *, temperature, alpha, vocab=None):
                           labels=labels, temperature=temperature, alpha=alpha, backend="torch")  # fmt: skip
 
 
-def with_ignored_labels(dataset, every=3):
-    """Items of ``dataset`` with every ``every``-th label set to -100 (a prompt mask, say)."""
-    items = []
-    for i in range(len(dataset)):
-        item = dict(dataset[i])
-        item["labels"] = item["labels"].copy()
-        item["labels"][i % every :: every] = -100
-        items.append(item)
-    return items
-
-
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("temperature, alpha", [(1.0, 1.0), (2.0, 0.4)])
-def test_loss_equals_sparse_kl_on_logits(random_cache, tmp_path, fused, temperature, alpha):
+def test_loss_equals_sparse_kl_on_logits(random_cache, student, arguments, with_ignored_labels, tmp_path, fused,
+                                         temperature, alpha):
     ds = softcache.SoftTargetDataset(random_cache, temperature=temperature)
     model = student()
     trainer = DistillationTrainer(model=model, args=arguments(tmp_path), train_dataset=ds, eval_dataset=ds,
@@ -102,7 +51,7 @@ def test_loss_equals_sparse_kl_on_logits(random_cache, tmp_path, fused, temperat
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_padded_student_vocab_is_sliced(random_cache, tmp_path, fused):
+def test_padded_student_vocab_is_sliced(random_cache, student, arguments, tmp_path, fused):
     ds = softcache.SoftTargetDataset(random_cache, temperature=2.0)
     model = student(vocab=V + 13)
     with torch.no_grad():  # make the padded logits matter: they would take mass if they were not sliced off
@@ -116,13 +65,13 @@ def test_padded_student_vocab_is_sliced(random_cache, tmp_path, fused):
     assert abs(got - unsliced) > 1e-2 * got
 
 
-def test_too_small_student_vocab_errors(random_cache, tmp_path):
+def test_too_small_student_vocab_errors(random_cache, student, arguments, tmp_path):
     ds = softcache.SoftTargetDataset(random_cache)
     with pytest.raises(ValueError, match=f"vocab_size={V}.*{V - 1} logits"):
         DistillationTrainer(model=student(vocab=V - 1), args=arguments(tmp_path), train_dataset=ds)
 
 
-def test_temperature_must_match_the_dataset(random_cache, tmp_path):
+def test_temperature_must_match_the_dataset(random_cache, student, arguments, tmp_path):
     ds = softcache.SoftTargetDataset(random_cache, temperature=2.0)
     with pytest.raises(ValueError, match="temperature=1.0 but the dataset's targets are at temperature 2.0"):
         DistillationTrainer(model=student(), args=arguments(tmp_path), train_dataset=ds, temperature=1.0)
@@ -137,7 +86,7 @@ def updates(trainer):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_gradient_accumulation_equals_one_batch(random_cache, tmp_path, fused):
+def test_gradient_accumulation_equals_one_batch(random_cache, student, arguments, with_ignored_labels, tmp_path, fused):
     ds = softcache.SoftTargetDataset(random_cache, temperature=2.0)
     items = with_ignored_labels(ds)[:4]  # lengths 17, 9, 23, 12: padding and ignored labels differ per micro-batch
     model = student()
@@ -160,7 +109,7 @@ def test_gradient_accumulation_equals_one_batch(random_cache, tmp_path, fused):
     assert (naive_step - step_one).abs().max() > 1e-2 * step_one.abs().max()
 
 
-def test_remove_unused_columns_keeps_the_targets(random_cache, tmp_path):
+def test_remove_unused_columns_keeps_the_targets(random_cache, student, arguments, tmp_path):
     import datasets
 
     ds = softcache.SoftTargetDataset(random_cache, temperature=2.0)
@@ -180,7 +129,7 @@ def test_remove_unused_columns_keeps_the_targets(random_cache, tmp_path):
         DistillationTrainer(model=student(vocab=V - 1), args=args, train_dataset=decoded)
 
 
-def test_logs_soft_and_hard_terms(random_cache, tmp_path):
+def test_logs_soft_and_hard_terms(random_cache, student, arguments, tmp_path):
     ds = softcache.SoftTargetDataset(random_cache, temperature=2.0)
     args = arguments(tmp_path, max_steps=4, logging_steps=2, learning_rate=1e-2)
     trainer = DistillationTrainer(model=student(), args=args, train_dataset=ds, alpha=0.3)
@@ -192,7 +141,7 @@ def test_logs_soft_and_hard_terms(random_cache, tmp_path):
         assert entry["loss"] == pytest.approx(0.3 * entry["soft_loss"] + 0.7 * entry["hard_loss"], rel=1e-4)
 
 
-def test_lightning_module_uses_the_same_loss(random_cache):
+def test_lightning_module_uses_the_same_loss(random_cache, student, with_ignored_labels):
     from softcache.integrations.lightning import DistillationModule
 
     ds = softcache.SoftTargetDataset(random_cache, temperature=2.0)
@@ -222,10 +171,10 @@ def teacher_student_kl(teacher, model, batch):
     return kl[keep].mean().item()
 
 
-def test_student_learns_the_teacher_from_its_cache(tmp_path_factory, tmp_path):
+def test_student_learns_the_teacher_from_its_cache(demo_cache, student, arguments, tmp_path):
     from softcache.demo import teacher_path
 
-    ds = softcache.SoftTargetDataset(demo_cache_path(tmp_path_factory.getbasetemp()))
+    ds = softcache.SoftTargetDataset(demo_cache)
     held_out = softcache.collate([ds[i] for i in range(len(ds) - 4, len(ds))])
     train = torch.utils.data.Subset(ds, range(len(ds) - 4))
     teacher = transformers.LlamaForCausalLM.from_pretrained(teacher_path()).eval()

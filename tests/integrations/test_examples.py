@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_integrations import demo_cache_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--steps", "3", "--max-length", "64", "--hidden", "32", "--layers", "1", "--batch-size", "2"]
 COMMANDS = {
     "plain_pytorch": [sys.executable, "examples/plain_pytorch.py"],
@@ -27,8 +26,8 @@ EXPECT = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    cache = demo_cache_path(tmp_path_factory.getbasetemp())
+def runs(demo_cache):
+    cache = demo_cache
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     procs = {
         name: subprocess.Popen(
