@@ -1,7 +1,7 @@
 """fused_linear_sparse_kl_loss against a float64 reference on hidden @ weight.T + bias: value and gradients for
 hidden, weight and bias.
 
-The reference is test_kernels.reference (row by row, from DESIGN.md) applied to the float64 logits; its gradient
+The reference is conftest's ``reference`` (row by row, from DESIGN.md) applied to the float64 logits; its gradient
 with respect to the logits, G, is carried to the inputs by the chain rule in float64: dH = G W, dW = G^T H,
 db = sum_rows G. Backends: torch on the CPU, Triton under TRITON_INTERPRET=1 (tiny tiles, so a few rows already
 cover several row blocks, vocabulary tiles, splits, H steps and weight-gradient slices), and both on CUDA.
@@ -12,14 +12,11 @@ import math
 import pytest
 import torch
 from softcache.kernels import FusedLinearSparseKLLoss, fused_linear_sparse_kl_loss
-from test_kernels import BACKENDS, PAIRS, assert_matches, make_labels, reference
 
 try:
     from softcache.kernels import fused_linear_triton
 except ImportError:  # no triton: the torch backend alone is tested
     fused_linear_triton = None
-
-TRITON = [b for b in BACKENDS if b.values[0][1] == "triton"]
 
 
 def make_fused_inputs(n=9, hidden=37, vocab=203, k=7, *, seed=0, dtype=torch.float32, device="cpu", bias=True,
@@ -52,18 +49,23 @@ def make_fused_inputs(n=9, hidden=37, vocab=203, k=7, *, seed=0, dtype=torch.flo
     return to(h), to(w), to(b), to(ids), to(lps.float())
 
 
-def fused_reference(hidden, weight, bias, ids, lps, *, grad_weight=None, **kw):
+@pytest.fixture(scope="session")
+def fused_reference(reference):
     """(loss, dH, dW[, db]) in float64 from the reference on the logits of the (already rounded) inputs."""
-    h = hidden.detach().cpu().double()
-    w = weight.detach().cpu().double()
-    z = h @ w.T
-    if bias is not None:
-        z = z + bias.detach().cpu().double()
-    loss, gz = reference(z, ids, lps, grad_weight=grad_weight, **kw)
-    gz = gz.reshape(-1, w.shape[0])
-    dh = (gz @ w).reshape(h.shape)
-    dw = gz.T @ h.reshape(-1, w.shape[1])
-    return (loss, dh, dw, gz.sum(0)) if bias is not None else (loss, dh, dw)
+
+    def fused_reference(hidden, weight, bias, ids, lps, *, grad_weight=None, **kw):
+        h = hidden.detach().cpu().double()
+        w = weight.detach().cpu().double()
+        z = h @ w.T
+        if bias is not None:
+            z = z + bias.detach().cpu().double()
+        loss, gz = reference(z, ids, lps, grad_weight=grad_weight, **kw)
+        gz = gz.reshape(-1, w.shape[0])
+        dh = (gz @ w).reshape(h.shape)
+        dw = gz.T @ h.reshape(-1, w.shape[1])
+        return (loss, dh, dw, gz.sum(0)) if bias is not None else (loss, dh, dw)
+
+    return fused_reference
 
 
 def run_fused(backend, hidden, weight, bias, ids, lps, *, grad_weight=None, **kw):
@@ -78,30 +80,34 @@ def run_fused(backend, hidden, weight, bias, ids, lps, *, grad_weight=None, **kw
     return loss.detach().cpu().double(), [g.cpu().double() for g in grads]
 
 
-def check_fused(backend, hidden, weight, bias, ids, lps, *, grad_weight=None, **kw):
-    loss, grads = run_fused(backend, hidden, weight, bias, ids, lps, grad_weight=grad_weight, **kw)
-    ref_loss, *ref_grads = fused_reference(hidden, weight, bias, ids, lps, grad_weight=grad_weight, **kw)
-    assert_matches(loss, ref_loss, hidden.dtype)
-    for got, want in zip(grads, ref_grads, strict=True):
-        assert_matches(got, want, hidden.dtype)
-    return loss, grads
+@pytest.fixture(scope="session")
+def check_fused(fused_reference, assert_matches):
+    """``run_fused`` against ``fused_reference``, within the DESIGN tolerances → (loss, grads)."""
+
+    def check_fused(backend, hidden, weight, bias, ids, lps, *, grad_weight=None, **kw):
+        loss, grads = run_fused(backend, hidden, weight, bias, ids, lps, grad_weight=grad_weight, **kw)
+        ref_loss, *ref_grads = fused_reference(hidden, weight, bias, ids, lps, grad_weight=grad_weight, **kw)
+        assert_matches(loss, ref_loss, hidden.dtype)
+        for got, want in zip(grads, ref_grads, strict=True):
+            assert_matches(got, want, hidden.dtype)
+        return loss, grads
+
+    return check_fused
 
 
 # ----------------------------------------------------------------------------------------------------------
 # semantics
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind,tail", PAIRS)
-def test_kinds_tails(backend, kind, tail):
-    inputs = make_fused_inputs(seed=PAIRS.index((kind, tail)), device=backend[0], extreme=True)
+def test_kinds_tails(backend, pair, check_fused):
+    kind, tail, seed = pair
+    inputs = make_fused_inputs(seed=seed, device=backend[0], extreme=True)
     check_fused(backend, *inputs, kind=kind, tail=tail, temperature=2.5, beta=0.3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("kind,tail", [("forward_kl", "bucket"), ("tvd", "restrict"), ("forward_kl", "renormalize")])
-def test_with_labels(backend, kind, tail, temperature):
+def test_with_labels(backend, kind, tail, temperature, make_labels, check_fused):
     """The cross-entropy's log-normaliser is shared with the soft term at T = 1 and separate otherwise (and always
     separate for tail='restrict', which needs no full-vocabulary normaliser of its own)."""
     inputs = make_fused_inputs(n=11, seed=7, device=backend[0])
@@ -109,9 +115,8 @@ def test_with_labels(backend, kind, tail, temperature):
     check_fused(backend, *inputs, kind=kind, tail=tail, temperature=temperature, labels=labels, alpha=0.6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_hidden_3d_and_reductions(backend, reduction):
+def test_hidden_3d_and_reductions(backend, reduction, make_labels, check_fused):
     """hidden (B, T, H); ignored labels and a row without targets; per-row grad_output for reduction='none'."""
     hidden, weight, bias, ids, lps = make_fused_inputs(n=10, seed=13, device=backend[0], lead=(2, 5))
     labels = make_labels(10, 203, device=backend[0], ignore=(0, 6)).reshape(2, 5)
@@ -121,24 +126,21 @@ def test_hidden_3d_and_reductions(backend, reduction):
     assert loss.shape == ((2, 5) if reduction == "none" else ())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_num_items_in_batch(backend):
+def test_num_items_in_batch(backend, make_labels, check_fused):
     inputs = make_fused_inputs(seed=17, device=backend[0], bias=False)
     labels = make_labels(9, 203, device=backend[0])
     check_fused(backend, *inputs, labels=labels, alpha=0.5, num_items_in_batch=23)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_odd_sizes(backend):
+def test_odd_sizes(backend, make_labels, check_fused):
     """H, V and K odd and not multiples of the tiles; several row blocks; no bias."""
     inputs = make_fused_inputs(n=19, hidden=45, vocab=301, k=17, seed=19, device=backend[0], bias=False)
     labels = make_labels(19, 301, device=backend[0], ignore=(0, 7))
     check_fused(backend, *inputs, kind="jsd", temperature=2.5, labels=labels, alpha=0.5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(backend, dtype, monkeypatch):
+def test_half_precision(backend, dtype, monkeypatch, make_labels, check_fused):
     """bf16/fp16 inputs within 1e-2 of the float64 reference on the same rounded inputs; the Triton weight gradient
     accumulates through fp32 slices of the vocabulary (made small here so that there are several)."""
     if fused_linear_triton is not None:
@@ -148,8 +150,7 @@ def test_half_precision(backend, dtype, monkeypatch):
     check_fused(backend, *inputs, temperature=2.5, labels=labels, alpha=0.8)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_tied_embeddings(backend):
+def test_tied_embeddings(backend, reference, assert_matches):
     """One weight as input embedding and output layer: its gradient sums both uses, as with materialised logits."""
     device = backend[0]
     hidden, weight, _, ids, lps = make_fused_inputs(seed=29, device=device, bias=False)
@@ -166,8 +167,7 @@ def test_tied_embeddings(backend):
     assert_matches(w.grad.cpu().double(), w64.grad.cpu(), torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_partial_requires_grad(backend):
+def test_partial_requires_grad(backend, assert_matches, fused_reference):
     """A frozen output layer (or frozen hidden states) gets no gradient, the others still match."""
     hidden, weight, bias, ids, lps = make_fused_inputs(seed=31, device=backend[0])
     _, ref_dh, ref_dw, ref_db = fused_reference(hidden, weight, bias, ids, lps, temperature=2.5)
@@ -180,7 +180,6 @@ def test_partial_requires_grad(backend):
     assert_matches(b.grad.cpu().double(), ref_db, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_nothing_counts(backend):
     hidden, weight, bias, ids, lps = make_fused_inputs(seed=37, device=backend[0], extreme=True)
     labels = torch.full((9,), -100, device=backend[0])
@@ -188,8 +187,7 @@ def test_nothing_counts(backend):
     assert float(loss) == 0.0 and all(torch.all(g == 0) for g in grads)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_only_and_module(backend):
+def test_forward_only_and_module(backend, make_labels, assert_matches, fused_reference):
     hidden, weight, bias, ids, lps = make_fused_inputs(seed=41, device=backend[0])
     labels = make_labels(9, 203, device=backend[0])
     module = FusedLinearSparseKLLoss(kind="jsd", temperature=2.5, alpha=0.5, backend=backend[1])
@@ -200,11 +198,11 @@ def test_forward_only_and_module(backend):
     assert_matches(loss.cpu().double(), ref, torch.float32)
 
 
-@pytest.mark.parametrize("backend", TRITON)
-def test_grad_skip_eps(backend):
+def test_grad_skip_eps(triton_backend, assert_matches, fused_reference):
     """Skipping tiles whose probabilities are all below eps and that hold no target: exact at 0, a small error when
     on. Tiny shapes need a coarse eps to skip anything (CCE's 2**-12 skips nothing at V = 203 with 32-wide tiles);
     benchmarks/fused_linear.py measures the error at real sizes."""
+    backend = triton_backend
     hidden, weight, bias, ids, lps = make_fused_inputs(n=4, k=3, seed=43, device=backend[0], pad=False, dup=False)
     hidden = hidden * 3.0  # a peaked student: most tiles hold little probability
     kw = dict(tail="renormalize")
@@ -218,7 +216,7 @@ def test_grad_skip_eps(backend):
         assert 0 < err < 1e-2, err  # measured 2.5e-3 here
 
 
-def test_torch_backend_chunks(monkeypatch):
+def test_torch_backend_chunks(monkeypatch, make_labels, check_fused):
     """Several row chunks give the same result as one, whether gradients are made in forward or recomputed."""
     from softcache.kernels import sparse_kl_torch
 
@@ -230,7 +228,7 @@ def test_torch_backend_chunks(monkeypatch):
                 grad_weight=torch.linspace(-2.0, 1.0, 9))  # fmt: skip
 
 
-def test_float64_torch_backend():
+def test_float64_torch_backend(fused_reference):
     inputs = make_fused_inputs(seed=53, dtype=torch.float64)
     loss, grads = run_fused(("cpu", "torch"), *inputs, kind="reverse_kl", temperature=2.5)
     ref_loss, *ref_grads = fused_reference(*inputs, kind="reverse_kl", temperature=2.5)
@@ -239,7 +237,7 @@ def test_float64_torch_backend():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_autocast_casts_inputs():
+def test_autocast_casts_inputs(assert_matches, fused_reference):
     """fp32 master weights with bf16 autocast (HF Trainer bf16=True): computed in bf16, gradients in fp32."""
     hidden, weight, bias, ids, lps = make_fused_inputs(seed=59)
     w = weight.clone().requires_grad_(True)
@@ -273,7 +271,7 @@ def test_head_errors(change, match):
         fused_linear_sparse_kl_loss(hidden, weight, ids, lps, bias)
 
 
-def test_argument_errors():
+def test_argument_errors(triton_runs):
     hidden, weight, bias, ids, lps = make_fused_inputs(seed=67)
     with pytest.raises(ValueError, match="grad_skip_eps"):
         fused_linear_sparse_kl_loss(hidden, weight, ids, lps, grad_skip_eps=-1.0)
@@ -285,6 +283,6 @@ def test_argument_errors():
         fused_linear_sparse_kl_loss(hidden, weight, bad, lps)
     with pytest.raises(ValueError, match="needs labels"):
         fused_linear_sparse_kl_loss(hidden, weight, ids, lps, alpha=0.5)
-    if TRITON:
+    if triton_runs:
         with pytest.raises(ValueError, match="float64"):
             fused_linear_sparse_kl_loss(hidden.double(), weight.double(), ids, lps, backend="triton")

@@ -1,110 +1,13 @@
 """sparse_kl_loss against a float64 reference written from DESIGN.md "Loss semantics", forward and gradient.
 
-Backends: the chunked PyTorch path on the CPU, Triton under TRITON_INTERPRET=1 on the CPU, and both on CUDA
-when a GPU is present (run with TRITON_INTERPRET=0, see benchmarks/gpu_check.sh). Shapes stay small: the
-interpreter runs each Triton program in numpy.
+The reference and the backends come from conftest.py. Shapes stay small: the interpreter runs each Triton program
+in numpy.
 """
 
-import math
-import os
 
 import pytest
 import torch
-from softcache.kernels import SparseKLLoss, sparse_kl_loss, triton_available
-
-EPS = 1e-12
-LOG_EPS = math.log(EPS)
-PAIRS = [  # every kind x tail that DESIGN.md defines
-    ("forward_kl", "bucket"), ("reverse_kl", "bucket"), ("jsd", "bucket"), ("tvd", "bucket"),
-    ("forward_kl", "renormalize"),
-    ("forward_kl", "restrict"), ("reverse_kl", "restrict"), ("jsd", "restrict"), ("tvd", "restrict"),
-]  # fmt: skip
-
-
-def _backends():
-    out = [pytest.param(("cpu", "torch"), id="torch-cpu")]
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if interpret and triton_available():
-        out.append(pytest.param(("cpu", "triton"), id="triton-interp"))
-    if torch.cuda.is_available():
-        out.append(pytest.param(("cuda", "torch"), id="torch-cuda"))
-        if not interpret and triton_available():
-            out.append(pytest.param(("cuda", "triton"), id="triton-cuda"))
-    return out
-
-
-BACKENDS = _backends()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# float64 reference, row by row, straight from the formulas
-
-
-def _clog(x):
-    return x.clamp_min(EPS).log()
-
-
-def _divergence(kind, p, lp, q, lq, beta):
-    if kind == "forward_kl":
-        return (p * (lp - lq)).sum()
-    if kind == "reverse_kl":
-        return (q * (lq - lp)).sum()
-    if kind == "jsd":
-        m = beta * p + (1 - beta) * q
-        lm = _clog(m)
-        return beta * (p * (lp - lm)).sum() + (1 - beta) * (q * (lq - lm)).sum()
-    return 0.5 * (p - q).abs().sum()
-
-
-def reference(logits, target_ids, target_logprobs, *, temperature=1.0, kind="forward_kl", tail="bucket", beta=0.5,
-              labels=None, alpha=1.0, ignore_index=-100, reduction="mean", num_items_in_batch=None,
-              scale_by_t2=True, grad_weight=None):  # fmt: skip
-    """Returns (loss, d(loss * grad_weight)/d logits) in float64 on the CPU."""
-    vocab, k = logits.shape[-1], target_ids.shape[-1]
-    lead = logits.shape[:-1]
-    z = logits.detach().cpu().double().reshape(-1, vocab).requires_grad_(True)
-    ids = target_ids.cpu().reshape(-1, k)
-    lps = target_logprobs.detach().cpu().double().reshape(-1, k)
-    labs = labels.cpu().reshape(-1) if labels is not None else None
-    t = temperature
-    rows, n_counted = [], 0
-    for n in range(z.shape[0]):
-        sel = ids[n] >= 0
-        if not bool(sel.any()) or (labs is not None and int(labs[n]) == ignore_index):
-            rows.append(z.new_zeros(()))
-            continue
-        n_counted += 1
-        idx, lp = ids[n][sel], lps[n][sel]
-        p = lp.exp()
-        big_p = p.sum()
-        logq = torch.log_softmax(z[n] / t, -1)[idx]
-        if tail == "bucket":
-            p_t = (1 - big_p).clamp_min(0)
-            q_t = (-torch.expm1(torch.logsumexp(logq, 0))).clamp_min(0)
-            pb, qb = torch.cat([p, p_t[None]]), torch.cat([logq.exp(), q_t[None]])
-            lpb = torch.cat([lp.clamp_min(LOG_EPS), _clog(p_t)[None]])
-            lqb = torch.cat([logq.clamp_min(LOG_EPS), _clog(q_t)[None]])
-        else:
-            pb, lpb = p / big_p, (lp - big_p.log()).clamp_min(LOG_EPS)
-            if tail == "restrict":
-                logq = torch.log_softmax(z[n][idx] / t, -1)
-            qb, lqb = logq.exp(), logq.clamp_min(LOG_EPS)
-        row = alpha * (t * t if scale_by_t2 else 1.0) * _divergence(kind, pb, lpb, qb, lqb, beta)
-        if labs is not None and alpha < 1:
-            row = row - (1 - alpha) * torch.log_softmax(z[n], -1)[int(labs[n])]
-        rows.append(row)
-    rows = torch.stack(rows)
-    if reduction == "none":
-        loss = rows.reshape(lead)
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        denom = float(num_items_in_batch) if num_items_in_batch is not None else n_counted
-        loss = rows.sum() / denom if denom > 0 else rows.sum() * 0
-    weight = torch.ones_like(loss) * 2.0 if grad_weight is None else grad_weight.double().cpu()
-    (loss * weight).sum().backward()
-    return loss.detach(), z.grad.reshape(logits.shape)
-
+from softcache.kernels import SparseKLLoss, sparse_kl_loss
 
 # ----------------------------------------------------------------------------------------------------------
 # realistic inputs
@@ -140,15 +43,6 @@ def make_inputs(n=9, vocab=401, k=7, *, seed=0, dtype=torch.float32, device="cpu
     return logits.to(device), ids.to(device), lps.float().to(device)
 
 
-def make_labels(n, vocab, *, seed=1, ignore=(0, 5), device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, (n,), generator=g)
-    for i in ignore:
-        if i < n:
-            labels[i] = -100
-    return labels.to(device)
-
-
 def run(backend, logits, ids, lps, *, grad_weight=None, **kw):
     device, name = backend
     x = logits.detach().clone().requires_grad_(True)
@@ -158,56 +52,50 @@ def run(backend, logits, ids, lps, *, grad_weight=None, **kw):
     return loss.detach().cpu().double(), x.grad.cpu().double()
 
 
-def assert_matches(actual, expected, dtype):
-    """DESIGN tolerances: 1e-4 relative for float32 inputs, 1e-2 for half precision (normwise for gradients)."""
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
-    assert torch.isfinite(actual).all()
-    scale = expected.abs().max().clamp_min(1e-6)
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * float(scale))
+@pytest.fixture(scope="session")
+def check(reference, assert_matches):
+    """``run`` against the float64 reference, loss and gradient within the DESIGN tolerances → (loss, grad)."""
 
+    def check(backend, logits, ids, lps, *, grad_weight=None, **kw):
+        loss, grad = run(backend, logits, ids, lps, grad_weight=grad_weight, **kw)
+        ref_loss, ref_grad = reference(logits, ids, lps, grad_weight=grad_weight, **kw)
+        assert_matches(loss, ref_loss, logits.dtype)
+        assert_matches(grad, ref_grad, logits.dtype)
+        return loss, grad
 
-def check(backend, logits, ids, lps, *, grad_weight=None, **kw):
-    loss, grad = run(backend, logits, ids, lps, grad_weight=grad_weight, **kw)
-    ref_loss, ref_grad = reference(logits, ids, lps, grad_weight=grad_weight, **kw)
-    assert_matches(loss, ref_loss, logits.dtype)
-    assert_matches(grad, ref_grad, logits.dtype)
-    return loss, grad
+    return check
 
 
 # ----------------------------------------------------------------------------------------------------------
 # semantics
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-@pytest.mark.parametrize("kind,tail", PAIRS)
-def test_kinds_tails(backend, kind, tail, temperature):
-    logits, ids, lps = make_inputs(seed=PAIRS.index((kind, tail)), device=backend[0], extreme=True)
+def test_kinds_tails(backend, pair, temperature, check):
+    kind, tail, seed = pair
+    logits, ids, lps = make_inputs(seed=seed, device=backend[0], extreme=True)
     check(backend, logits, ids, lps, kind=kind, tail=tail, temperature=temperature, beta=0.3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-@pytest.mark.parametrize("kind,tail", PAIRS)
-def test_with_labels(backend, kind, tail, temperature):
+def test_with_labels(backend, pair, temperature, make_labels, check):
+    kind, tail, _ = pair
     logits, ids, lps = make_inputs(seed=7, device=backend[0])
     labels = make_labels(logits.shape[0], logits.shape[1], device=backend[0])
     check(backend, logits, ids, lps, kind=kind, tail=tail, temperature=temperature, labels=labels, alpha=0.6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_labels_mask_without_ce(backend):
+def test_labels_mask_without_ce(backend, make_labels, check):
     """alpha = 1 with labels: no CE term, but ignore_index rows still do not count."""
     logits, ids, lps = make_inputs(seed=3, device=backend[0])
     labels = make_labels(logits.shape[0], logits.shape[1], device=backend[0], ignore=(0, 4, 6))
     check(backend, logits, ids, lps, labels=labels, temperature=2.5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind,tail", [("forward_kl", "bucket"), ("jsd", "bucket"), ("reverse_kl", "restrict"),
                                        ("forward_kl", "renormalize"), ("tvd", "bucket")])  # fmt: skip
-def test_half_precision(backend, dtype, kind, tail):
+def test_half_precision(backend, dtype, kind, tail, make_labels, check):
     logits, ids, lps = make_inputs(seed=11, dtype=dtype, device=backend[0], extreme=True)
     labels = make_labels(logits.shape[0], logits.shape[1], device=backend[0])
     _, grad = check(backend, logits, ids, lps, kind=kind, tail=tail, temperature=2.5, labels=labels, alpha=0.8)
@@ -216,9 +104,8 @@ def test_half_precision(backend, dtype, kind, tail):
     assert x.grad.dtype == dtype
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab,k", [(1271, 33), (20000, 5)])
-def test_odd_and_multi_block_sizes(backend, vocab, k):
+def test_odd_and_multi_block_sizes(backend, vocab, k, make_labels, check):
     """V not a power of two, K not a power of two; V = 20000 spans three 8192-wide Triton blocks."""
     logits, ids, lps = make_inputs(n=5, vocab=vocab, k=k, seed=vocab, device=backend[0])
     labels = make_labels(5, vocab, device=backend[0], ignore=(0,))
@@ -226,17 +113,15 @@ def test_odd_and_multi_block_sizes(backend, vocab, k):
     check(backend, logits, ids, lps, kind="forward_kl", tail="restrict")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,tail", [("forward_kl", "bucket"), ("reverse_kl", "bucket"), ("jsd", "restrict")])
-def test_teacher_mass_slightly_above_one(backend, kind, tail):
+def test_teacher_mass_slightly_above_one(backend, kind, tail, check):
     logits, ids, lps = make_inputs(seed=5, device=backend[0], p_over_one=True, pad=False, dup=False)
     assert bool((lps.exp().sum(-1) > 1).all())
     check(backend, logits, ids, lps, kind=kind, tail=tail, temperature=2.5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_reductions(backend, reduction):
+def test_reductions(backend, reduction, make_labels, check):
     logits, ids, lps = make_inputs(seed=13, device=backend[0], lead=(3, 3))
     labels = make_labels(9, logits.shape[-1], device=backend[0]).reshape(3, 3)
     weight = torch.linspace(-1.0, 3.0, 9).reshape(3, 3) if reduction == "none" else None
@@ -247,9 +132,8 @@ def test_reductions(backend, reduction):
         assert float(loss[0, 0]) == 0.0 and float(loss[0, 2]) == 0.0  # ignored label, row without targets
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("num_items", [4, 17.0, "tensor"])
-def test_num_items_in_batch(backend, num_items):
+def test_num_items_in_batch(backend, num_items, reference, make_labels, assert_matches):
     logits, ids, lps = make_inputs(seed=17, device=backend[0])
     labels = make_labels(logits.shape[0], logits.shape[1], device=backend[0])
     ref_items = 23 if num_items == "tensor" else num_items
@@ -260,7 +144,6 @@ def test_num_items_in_batch(backend, num_items):
     assert_matches(grad, ref_grad, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_nothing_counts(backend, reduction):
     """All rows ignored: loss 0 and gradient exactly 0, no NaN, whatever the logits hold."""
@@ -274,8 +157,7 @@ def test_nothing_counts(backend, reduction):
     assert float(loss) == 0.0 and torch.all(grad == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_only_and_module(backend):
+def test_forward_only_and_module(backend, reference, make_labels, assert_matches):
     logits, ids, lps = make_inputs(seed=23, device=backend[0])
     labels = make_labels(logits.shape[0], logits.shape[1], device=backend[0])
     kw = dict(kind="jsd", temperature=2.5, alpha=0.5, backend=backend[1])
@@ -290,8 +172,7 @@ def test_forward_only_and_module(backend):
     assert_matches(plain.cpu().double(), ref, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_inplace_grad(backend):
+def test_inplace_grad(backend, make_labels):
     logits, ids, lps = make_inputs(seed=29, device=backend[0])
     labels = make_labels(logits.shape[0], logits.shape[1], device=backend[0])
     kw = dict(labels=labels, alpha=0.5, temperature=2.5, backend=backend[1])
@@ -303,7 +184,6 @@ def test_inplace_grad(backend):
     torch.testing.assert_close(leaf.grad.cpu().double(), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_only_to_logits(backend):
     logits, ids, lps = make_inputs(seed=31, device=backend[0])
     lps = lps.clone().requires_grad_(True)
@@ -312,8 +192,7 @@ def test_gradient_only_to_logits(backend):
     assert x.grad is not None and lps.grad is None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_shifted_non_contiguous_logits(backend):
+def test_shifted_non_contiguous_logits(backend, check):
     """logits[:, :-1] (the usual shift) is not viewable as (N, V): copied, and the gradient lands in place."""
     logits, ids, lps = make_inputs(n=10, seed=71, device=backend[0], lead=(2, 5))
     shifted = logits[:, :-1]
@@ -324,7 +203,7 @@ def test_shifted_non_contiguous_logits(backend):
     assert torch.all(x.grad[:, -1] == 0)
 
 
-def test_torch_backend_chunks(monkeypatch):
+def test_torch_backend_chunks(monkeypatch, make_labels, check):
     """Rows processed in several chunks give the same result as one chunk."""
     from softcache.kernels import sparse_kl_torch
 
@@ -339,7 +218,6 @@ def test_torch_backend_chunks(monkeypatch):
 # errors
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad_id", [401, 10**6, -2])
 def test_ids_out_of_range(backend, bad_id):
     logits, ids, lps = make_inputs(seed=41, device=backend[0])
@@ -349,7 +227,6 @@ def test_ids_out_of_range(backend, bad_id):
         sparse_kl_loss(logits, ids, lps, backend=backend[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_ids_unchecked_are_padding(backend):
     logits, ids, lps = make_inputs(seed=43, device=backend[0], pad=False, dup=False)
     bad, padded = ids.clone(), ids.clone()
@@ -360,7 +237,7 @@ def test_ids_unchecked_are_padding(backend):
     torch.testing.assert_close(a, b)
 
 
-def test_labels_out_of_range():
+def test_labels_out_of_range(make_labels):
     logits, ids, lps = make_inputs(seed=47)
     labels = make_labels(9, 401)
     labels[3] = 401
@@ -404,9 +281,8 @@ def test_shape_errors():
 # torch.compile
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("inplace_grad", [False, True])
-def test_torch_compile_without_graph_break(backend, inplace_grad):
+def test_torch_compile_without_graph_break(backend, inplace_grad, reference, make_labels, assert_matches):
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward without a C compiler."""
     logits, ids, lps = make_inputs(seed=61, device=backend[0])
     labels = make_labels(logits.shape[0], logits.shape[1], device=backend[0])
