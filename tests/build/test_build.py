@@ -7,60 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import softcache
 from softcache.build import build
-
-TEXT = [
-    "def add(a, b):\n    return a + b\n",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
-    "for i in range(10):\n    print(i * i)\n",
-    "import os\nprint(os.path.join('a', 'b'))\n",
-    "while True:\n    break\n",
-] * 4
-
-
-def make_teacher(path: Path, vocab_extra: int = 0, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 32) and a byte-level BPE tokenizer of ~300 tokens, saved with save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXT, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer) + vocab_extra, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # a peakier distribution than the default init, so that top-k is informative
-        model.lm_head.weight.mul_(20)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def write_jsonl(path: Path, texts, field: str = "text") -> Path:
-    path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts))
-    return path
-
-
-@pytest.fixture(scope="session")
-def teacher(tmp_path_factory) -> Path:
-    return make_teacher(tmp_path_factory.mktemp("teacher"))
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    docs = ["".join(rng.choice(TEXT, size=int(rng.integers(1, 4)))) for _ in range(24)]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "docs.jsonl", docs)
 
 
 @functools.lru_cache(maxsize=2)
@@ -74,16 +24,6 @@ def reference_logits(teacher_path: Path, input_ids: np.ndarray) -> np.ndarray:
     model = _float64_model(teacher_path)
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(input_ids)[None]).logits[0].numpy()
-
-
-def assert_same_cache(a, b) -> None:
-    """Equal decoded content: same sequences, ids, log-probs (or counts) and normalisers."""
-    assert len(a) == len(b) and a.num_tokens == b.num_tokens
-    for i in range(len(a)):
-        ra, rb = a[i], b[i]
-        assert ra.keys() == rb.keys()
-        for key in ra:
-            np.testing.assert_array_equal(ra[key], rb[key], err_msg=f"sequence {i}, {key}")
 
 
 def test_contents_are_topk_of_the_teachers_log_softmax(teacher, data, tmp_path):
@@ -104,11 +44,11 @@ def test_contents_are_topk_of_the_teachers_log_softmax(teacher, data, tmp_path):
             np.testing.assert_allclose(lp, np.take_along_axis(logp, ids, -1), atol=step / t + 1e-5)
 
 
-def test_packing_joins_documents_with_eos_and_truncation_keeps_row_order(teacher, tmp_path):
+def test_packing_joins_documents_with_eos_and_truncation_keeps_row_order(teacher, text, write_jsonl, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher)
-    docs = TEXT[:5]
+    docs = text[:5]
     data = write_jsonl(tmp_path / "d.jsonl", docs, field="content")
     packed = build(str(teacher), str(data), str(tmp_path / "p"), k=4, max_length=16, pack=True, field="content",
                    quiet=True)
@@ -123,7 +63,7 @@ def test_packing_joins_documents_with_eos_and_truncation_keeps_row_order(teacher
         np.testing.assert_array_equal(cache[i]["input_ids"], tok(d)["input_ids"][:12])
 
 
-def test_sampled_targets_do_not_depend_on_batching(teacher, data, tmp_path):
+def test_sampled_targets_do_not_depend_on_batching(teacher, data, assert_same_cache, tmp_path):
     opts = dict(k=30, targets="sampled", samples=30, temperatures=(1.0,), max_length=40, pack=True, seed=3,
                 quiet=True)
     build(str(teacher), str(data), str(tmp_path / "a"), batch_tokens=80, **opts)

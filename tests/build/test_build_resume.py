@@ -1,7 +1,6 @@
 """A build killed part-way (SIGKILL, or an exception) and rerun ends with the same cache as an uninterrupted one;
 a different build on an existing cache is refused unless overwrite."""
 
-# ruff: noqa: F811 - the shared fixtures `teacher` and `data` are imported from test_build, then requested by name
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-from test_build import assert_same_cache, data, teacher  # noqa: F401 - shared fixtures
 
 import softcache
 from softcache.build import build
@@ -26,7 +24,7 @@ def reference(teacher, data, tmp_path_factory):
     return softcache.open_cache(out)
 
 
-def test_sigkill_mid_shard_then_rerun_equals_uninterrupted(teacher, data, reference, tmp_path):
+def test_sigkill_mid_shard_then_rerun_equals_uninterrupted(teacher, data, reference, assert_same_cache, tmp_path):
     out = tmp_path / "cache"
     script = textwrap.dedent(f"""
         import os, signal
@@ -51,7 +49,7 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted(teacher, data, refere
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
 
 
-def test_exception_then_rerun_equals_uninterrupted(teacher, data, reference, tmp_path, monkeypatch):
+def test_exception_then_rerun_equals_uninterrupted(teacher, data, reference, assert_same_cache, tmp_path, monkeypatch):
     out = tmp_path / "cache"
     original, calls = TeacherHead.batch_targets, []
 

@@ -1,14 +1,11 @@
 """`torchrun --nproc_per_node 2` (gloo, CPU): each rank builds its part, rank 0 merges; equals the one-process build."""
 
-# ruff: noqa: F811 - the shared fixtures `teacher` and `data` are imported from test_build, then requested by name
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import sys
-
-from test_build import assert_same_cache, data, teacher  # noqa: F401 - shared fixtures
 
 import softcache
 from softcache.build import build
@@ -45,7 +42,7 @@ def torchrun(target: list[str], teacher, data, out, expect_ok: bool = True) -> s
     return stdout
 
 
-def test_torchrun_two_ranks_equals_one_process(teacher, data, tmp_path):
+def test_torchrun_two_ranks_equals_one_process(teacher, data, assert_same_cache, tmp_path):
     out = tmp_path / "two"
     stdout = torchrun(["-m", "softcache.cli.main"], teacher, data, out)
     assert stdout.count("wrote") == 1  # one summary, from rank 0
@@ -56,7 +53,7 @@ def test_torchrun_two_ranks_equals_one_process(teacher, data, tmp_path):
     assert_same_cache(two, softcache.open_cache(tmp_path / "one"))
 
 
-def test_torchrun_rank_killed_then_rerun_equals_one_process(teacher, data, tmp_path):
+def test_torchrun_rank_killed_then_rerun_equals_one_process(teacher, data, assert_same_cache, tmp_path):
     out, script = tmp_path / "two", tmp_path / "die.py"
     script.write_text(DIE)
     torchrun([str(script)], teacher, data, out, expect_ok=False)

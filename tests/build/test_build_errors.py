@@ -1,6 +1,5 @@
 """Bad inputs to the teacher pass give one clear error naming the file, column, option or sequence."""
 
-# ruff: noqa: F811 - the shared fixtures `teacher` and `data` are imported from test_build, then requested by name
 from __future__ import annotations
 
 import json
@@ -9,7 +8,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from softcache.cli.main import main
-from test_build import TEXT, data, make_teacher, teacher, write_jsonl  # noqa: F401 - shared fixtures
 
 import softcache
 from softcache.build import build
@@ -20,7 +18,7 @@ def test_missing_field_names_the_columns(teacher, data, tmp_path):
         build(str(teacher), str(data), str(tmp_path / "c"), field="body", quiet=True)
 
 
-def test_empty_dataset(teacher, tmp_path):
+def test_empty_dataset(teacher, write_jsonl, tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", ""])
     with pytest.raises(ValueError, match=r"empty.jsonl: all 2 rows are empty after tokenisation"):
         build(str(teacher), str(empty), str(tmp_path / "c"), quiet=True)
@@ -32,7 +30,7 @@ def test_empty_dataset(teacher, tmp_path):
         build(str(teacher), str(tmp_path / "zero.jsonl"), str(tmp_path / "c"), quiet=True)
 
 
-def test_tokenizer_larger_than_the_teachers_vocabulary(data, tmp_path):
+def test_tokenizer_larger_than_the_teachers_vocabulary(data, make_teacher, tmp_path):
     small = make_teacher(tmp_path / "small", vocab_extra=-20)
     with pytest.raises(ValueError, match=r"the tokenizer has (\d+) tokens but the model's output layer only"):
         build(str(small), str(data), str(tmp_path / "c"), quiet=True)
@@ -53,7 +51,7 @@ def test_non_empty_out_is_refused_even_with_overwrite(teacher, data, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_nan_logits_name_the_sequence_or_are_skipped_and_counted(data, tmp_path):
+def test_nan_logits_name_the_sequence_or_are_skipped_and_counted(data, make_teacher, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = make_teacher(tmp_path / "nan")

@@ -1,5 +1,4 @@
 """GGUF teachers in the teacher pass: a tiny Llama written as a Q4_1 GGUF file with the gguf package, on CPU."""
-# ruff: noqa: F811 - the shared fixture `data` is imported from test_build, then requested by name
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_build import TEXT, data, write_jsonl  # noqa: F401 - shared fixtures
 
 import softcache
 from softcache.build import build
@@ -32,7 +30,7 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def make_gguf_teacher(path: Path, seed: int = 0):
+def make_gguf_teacher(path: Path, text: list[str], seed: int = 0):
     """A 2-layer Llama (hidden 32) with a byte-level BPE vocabulary of ~300 tokens, written as a Q4_1 GGUF file
     (matrices Q4_1, norms F32). → (file, float64 reference model whose weights went through Q4_1 and back)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -41,7 +39,7 @@ def make_gguf_teacher(path: Path, seed: int = 0):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bpe = json.loads(tok.to_str())["model"]
     tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
@@ -106,8 +104,8 @@ def make_gguf_teacher(path: Path, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def gguf_teacher(tmp_path_factory):
-    return make_gguf_teacher(tmp_path_factory.mktemp("gguf"))
+def gguf_teacher(tmp_path_factory, text):
+    return make_gguf_teacher(tmp_path_factory.mktemp("gguf"), text)
 
 
 def test_gguf_teacher_stores_the_targets_of_its_dequantised_weights(gguf_teacher, data, tmp_path):
@@ -133,9 +131,9 @@ def test_gguf_teacher_stores_the_targets_of_its_dequantised_weights(gguf_teacher
             np.testing.assert_allclose(lp, np.take_along_axis(logp, ids, -1), atol=step / t + 1e-5)
 
 
-def test_a_folder_with_one_gguf_file_is_that_file(gguf_teacher, tmp_path):
+def test_a_folder_with_one_gguf_file_is_that_file(gguf_teacher, text, write_jsonl, tmp_path):
     file, _ = gguf_teacher
-    docs = write_jsonl(tmp_path / "d.jsonl", TEXT[:3])
+    docs = write_jsonl(tmp_path / "d.jsonl", text[:3])
     build(str(file.parent), str(docs), str(tmp_path / "c"), k=4, max_length=16, quiet=True)
     meta = softcache.open_cache(tmp_path / "c").manifest["metadata"]
     assert meta["teacher"]["gguf"]["file"] == file.name and meta["build"]["teacher_gguf_sha256"] == \
