@@ -158,3 +158,23 @@ def test_the_checks_can_fail(tmp_path, monkeypatch):
         assert "softcache.a → softcache.b → softcache.a" in str(e)
     else:
         raise AssertionError("the cycle was not found")
+
+
+def test_test_modules_do_not_import_each_other():
+    """Tests share fixtures through their folder's conftest.py: no file under tests/ imports a test module."""
+    tests = ROOT / "tests"
+    test_modules = {path.stem for path in tests.rglob("test_*.py")}
+    found = []
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top == "tests" or top in test_modules:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert not found, "\n".join(found)
