@@ -93,7 +93,7 @@ def run_mode(args) -> dict:
             ids, mask, lengths = padded(group)
             if args.mode == "build":
                 results, _ = head.batch_targets(ids, lengths, group)
-                bg.put([(i, seqs[i], r) for i, r in zip(group, results, strict=True)])
+                bg.put([(i, seqs[i], r, None) for i, r in zip(group, results, strict=True)])
             else:
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 if args.mode == "full-logits":

@@ -4,7 +4,7 @@
     from softcache.kernels.hf import causal_lm_sparse_kl_loss
     loss = causal_lm_sparse_kl_loss(model, batch["input_ids"], batch["target_ids"], batch["target_logprobs"],
                                     attention_mask=batch["attention_mask"], labels=batch["labels"],
-                                    temperature=2.0, alpha=0.5)
+                                    temperature=2.0, alpha=0.5, vocab_size=dataset.vocab_size)
 
 transformers is imported by nobody here: the model object brings it. The model runs once with ``logits_to_keep=1``
 (logits of the last position only, a (B, 1, V) tensor) while a hook on its decoder keeps the final hidden states.
@@ -132,6 +132,7 @@ def causal_lm_sparse_kl_loss(
     return_outputs: bool = False,
     forward=None,
     model_kwargs: dict | None = None,
+    vocab_size: int | None = None,
     **loss_options,
 ):
     """``fused_linear_sparse_kl_loss`` on a causal LM's final hidden states and output layer.
@@ -140,6 +141,10 @@ def causal_lm_sparse_kl_loss(
         model, input_ids, attention_mask, check_head, forward, model_kwargs: as in :func:`final_hidden_states`.
         target_ids, target_logprobs: (B, T, K) teacher targets aligned with input positions: position t holds the
             distribution of the token at t + 1, i.e. what the logits at t predict (softcache's cache layout).
+        vocab_size: the cache's vocabulary size (``dataset.vocab_size``). A student whose output layer is padded
+            larger (e.g. to a multiple of 64) is scored over the first ``vocab_size`` logits only, as if its
+            vocabulary were the cache's; without it the padded logits would take probability mass. Pass it whenever
+            ``dataset.check_student(model)`` returns more than 0; larger than the output layer: ValueError.
         labels: HF convention (labels = input_ids, -100 where ignored); shifted here to the token each position
             predicts, so the last position and ignored tokens do not count.
         return_outputs: also return the model's outputs (for auxiliary losses such as MoE router losses).
@@ -154,6 +159,13 @@ def causal_lm_sparse_kl_loss(
         model, input_ids, attention_mask=attention_mask, check_head=check_head, forward=forward,
         model_kwargs=model_kwargs,
     )  # fmt: skip
+    if vocab_size is not None:
+        if not 0 < int(vocab_size) <= weight.shape[0]:
+            raise ValueError(
+                f"vocab_size={vocab_size} but {type(model).__name__} has {weight.shape[0]} output rows: pass the "
+                "cache's vocabulary size (dataset.vocab_size), which the student's output layer must cover"
+            )
+        weight, bias = weight[: int(vocab_size)], None if bias is None else bias[: int(vocab_size)]
     ignore_index = loss_options.get("ignore_index", -100)
     shifted = shift_labels(labels, ignore_index) if labels is not None else None
     loss = fused_linear_sparse_kl_loss(hidden, weight, target_ids, target_logprobs, bias, labels=shifted,

@@ -59,7 +59,8 @@ class TargetKind:
         raise NotImplementedError
 
     def tempered(self, target_ids, target_logprobs, lognorm_column, temperature: float) -> np.ndarray:
-        """Teacher log-probs at a captured ``temperature`` (the caller found its ``lognorm`` column), 0 at padding."""
+        """Teacher log-probs at a captured ``temperature`` (the caller found its ``lognorm`` column), 0 at padding.
+        numpy arrays or torch tensors (``softcache.sparse_targets`` tempers live targets on their device)."""
         raise NotImplementedError
 
     def not_captured(self, temperature: float, temperatures: list[float], where: str) -> str:
@@ -172,7 +173,7 @@ class Sampled(TargetKind):
         }
 
     def tempered(self, target_ids, target_logprobs, lognorm_column, temperature):
-        return target_logprobs.copy()
+        return target_logprobs * 1  # a copy, of a numpy array or a torch tensor
 
     def not_captured(self, temperature, temperatures, where):
         return (
@@ -182,58 +183,6 @@ class Sampled(TargetKind):
 
 
 KINDS: dict[str, TargetKind] = {kind.name: kind for kind in (TopK(), Sampled())}
-
-
-class Extra:
-    """A per-position stream stored beside the targets (whatever their kind): one value per token."""
-
-    name: str
-    streams: tuple[str, ...]
-
-    def check(self, values, length: int) -> np.ndarray:
-        """Validate what a caller gives for one sequence of ``length`` tokens → the array stored."""
-        raise NotImplementedError
-
-    def encode(self, values: np.ndarray) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def decode(self, streams, n_tokens: int) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-
-class LossMask(Extra):
-    """Which tokens are trained (e.g. the assistant turns of chat data, the completion of prompt/completion data), in
-    the Hugging Face sense of ``labels != -100``: token ``t`` is trained when the student's logits at ``t − 1`` should
-    predict it. The targets at position ``t`` (which predict token ``t + 1``) are stored only where token ``t + 1`` is
-    trained; elsewhere the position stores no targets and costs one bit."""
-
-    name = "loss_mask"
-    streams = ("loss_mask",)
-
-    def check(self, values, length: int) -> np.ndarray:
-        mask = as_array(values, "loss_mask")
-        if mask.shape != (length,):
-            raise ValueError(f"loss_mask must have one value per token, shape ({length},), got {tuple(mask.shape)}")
-        if mask.dtype != np.bool_ and not (np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()):
-            raise ValueError(f"loss_mask must hold booleans (or 0/1), got dtype {mask.dtype}")
-        return mask.astype(bool)
-
-    def encode(self, values):
-        return {"loss_mask": np.packbits(values.astype(bool))}
-
-    def decode(self, streams, n_tokens):
-        stream = streams["loss_mask"]
-        if len(stream) != -(-n_tokens // 8):
-            raise ValueError(f"loss_mask holds {len(stream)} bytes, not the {-(-n_tokens // 8)} of {n_tokens} tokens")
-        return {"loss_mask": np.unpackbits(stream, count=n_tokens).astype(bool)}
-
-    @staticmethod
-    def targets_stored(mask: np.ndarray) -> np.ndarray:
-        """Positions whose targets are stored: those whose next token is trained (never the last one)."""
-        return np.append(mask[1:], False)
-
-
-EXTRAS: dict[str, Extra] = {extra.name: extra for extra in (LossMask(),)}
 
 
 def get_kind(name: str) -> TargetKind:

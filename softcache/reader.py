@@ -14,9 +14,10 @@ import numpy as np
 
 from . import codec
 from .errors import CacheFormatError, CorruptShardError
+from .extras import Extra
 from .format import Manifest, ShardEntry, ShardReader, get_backend, join, load_manifest, open_fs
 from .format.fs import check_plain_file
-from .kinds import EXTRAS, TargetKind
+from .kinds import TargetKind
 
 
 class Cache:
@@ -34,6 +35,7 @@ class Cache:
         self.temperatures: list[float] = list(m.temperatures)
         self.samples: int | None = m.samples
         self.settings = m.settings
+        self.extras: list[Extra] = m.configured_extras()
         self.params = self.settings.params
         self.backend = get_backend(m.backend)
         self._shard_start = np.cumsum([0] + [s.sequences for s in m.shards])
@@ -70,10 +72,20 @@ class Cache:
         lognorm (L, n_temps) float32, target_counts (L, k) int32 for sampled caches, and loss_mask (L,) bool for
         caches that store one (token t is trained; targets are stored where token t + 1 is)."""
         shard, batch, j = self.locate(i)
-        decoded = self.decoded_batch(shard, batch)
-        a, b = decoded["offsets"][j], decoded["offsets"][j + 1]
-        # Copies: callers may modify records, the decoded batch is shared by later reads.
-        return {key: value[a:b].copy() for key, value in decoded.items() if key != "offsets"}
+        return self.record(self.decoded_batch(shard, batch), j)
+
+    def record(self, decoded: dict, j: int, max_length: int | None = None) -> dict:
+        """Sequence ``j`` of a decoded batch (:meth:`decoded_batch`) as :meth:`__getitem__` gives it, cut to its
+        first ``max_length`` tokens when given. Copies: callers may modify records, the batch is shared."""
+        a, b = int(decoded["offsets"][j]), int(decoded["offsets"][j + 1])
+        if max_length is not None:
+            b = min(b, a + max_length)
+        extra_keys = {key for extra in self.extras for key in extra.decoded_keys()}
+        out = {key: value[a:b].copy() for key, value in decoded.items() if key != "offsets" and key not in extra_keys}
+        for extra in self.extras:
+            for key, value in extra.item(decoded, j, a, b).items():
+                out[key] = {k: v.copy() for k, v in value.items()} if isinstance(value, dict) else value.copy()
+        return out
 
     def targets(self, i: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Target ids (L, k) and teacher log-probs at ``temperature`` (L, k), 0 at padding.
@@ -196,8 +208,8 @@ class Cache:
             "input_ids": codec.decode_tokens(streams["input_ids"], n_tokens),
             **self.kind.decode(streams, n_tokens, self.settings, order),
         }
-        for name in self.manifest.extras:
-            out.update(EXTRAS[name].decode(streams, n_tokens))
+        for extra in self.extras:
+            out.update(extra.decode(streams, lengths))
         return out
 
     def close(self) -> None:

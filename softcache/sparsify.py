@@ -95,3 +95,53 @@ class Sparsifier:
             parts.append((ids.cpu(), values.cpu(), None if lognorm is None else lognorm.cpu(), broken.cpu()))
         cat = lambda j: torch.cat([p[j] for p in parts]).numpy()  # noqa: E731
         return cat(0), cat(1), None if parts[0][2] is None else cat(2).astype(np.float64), cat(3)
+
+
+def sparse_targets(logits: torch.Tensor, *, k: int = 64, temperature: float = 1.0, kind: str = "topk",
+                   samples: int | None = None, seed: int = 0, chunk_elements: int = 1 << 26):
+    """Live teacher logits → sparse targets at ``temperature``, on the logits' device: online distillation with the
+    loss and the targets of a cache.
+
+    ``logits`` (..., L, V) (any float dtype; rows are computed in fp32, ``chunk_elements`` values at a time) →
+    ``(target_ids (..., L, k) int32, target_logprobs (..., L, k) float32)`` with −1 / 0 at padding: exactly what
+    ``SoftTargetDataset(cache, temperature=temperature)`` yields for a cache built from the same logits, minus the
+    cache's quantisation. ``kind="topk"``: the k largest logits, captured at ``temperature`` and tempered by the
+    kind's rule (``lp/τ − n_τ``, exact: the tail mass is ``1 − Σ p``). ``kind="sampled"``: ``samples`` draws at
+    ``temperature`` (``k`` ≥ ``samples``), log-probs ``log(count/samples)``; sequence ``b`` of the batch draws from
+    the stream seeded by ``(seed, b)``, as sequence ``b`` of a cache written with that seed. NaN, +inf or all −inf
+    rows are a ValueError naming the position.
+    """
+    from .kinds import get_kind
+
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim < 1:
+        got = getattr(logits, "dtype", type(logits).__name__)
+        raise TypeError(f"logits must be a floating-point torch tensor (..., V), got {got}")
+    target_kind = get_kind(kind)
+    vocab = logits.shape[-1]
+    if not isinstance(k, int) or not 1 <= k <= vocab:
+        raise ValueError(f"k must be an integer in [1, {vocab}] (the logits' vocabulary), got {k!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    target_kind.check_settings(k, vocab, [float(temperature)], samples)
+    sparsifier = Sparsifier(target_kind, k, (float(temperature),), samples, seed)
+    shape = logits.shape
+    rows = logits.reshape(-1, vocab)
+    if rows.shape[0] == 0:
+        empty = torch.empty((*shape[:-1], k), device=logits.device)
+        return empty.int(), empty.float()
+    length = shape[-2] if logits.ndim > 1 else 1
+    n_seqs = rows.shape[0] // length
+    u = sparsifier.uniforms([length] * n_seqs, list(range(n_seqs)), logits.device)
+    step = max(1, chunk_elements // vocab)
+    ids, values = [], []
+    for a in range(0, rows.shape[0], step):
+        i, v, n, broken = sparsifier.rows(rows[a : a + step].float(), None if u is None else u[a : a + step])
+        if bool(broken.any()):
+            at = a + int(torch.nonzero(broken)[0, 0])
+            where = tuple(int(x) for x in np.unravel_index(at, shape[:-1])) if logits.ndim > 1 else ()
+            raise ValueError(f"teacher logits at position {where} are NaN, +inf or all -inf; check the teacher's dtype")
+        if n is None:  # sampled: the estimate log(c/N) at the capture temperature, as the cache decodes it
+            v = torch.where(v > 0, torch.log(v.clamp(min=1).double() / samples), 0.0).float()
+        ids.append(i)
+        values.append(target_kind.tempered(i, v, None if n is None else n[:, 0], float(temperature)).float())
+    return torch.cat(ids).reshape(*shape[:-1], k), torch.cat(values).reshape(*shape[:-1], k)

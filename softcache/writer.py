@@ -17,6 +17,7 @@ import numpy as np
 
 from . import codec
 from .errors import CacheFormatError
+from .extras import Extra, LossMask
 from .format import (
     BACKENDS,
     MANIFEST_NAME,
@@ -31,7 +32,7 @@ from .format import (
 from .format.fs import holds_only_temporaries, is_tmp_name
 from .format.lock import CacheLock
 from .format.manifest import MAX_K, MAX_VOCAB
-from .kinds import EXTRAS, TOKEN_STREAMS, LossMask, as_array, get_kind
+from .kinds import TOKEN_STREAMS, as_array, get_kind
 from .sparsify import Sparsifier
 
 
@@ -62,6 +63,8 @@ class CacheWriter:
         chunk_elements: the largest fp32 buffer ``write_logits`` materialises (rows × V).
         loss_mask: store which tokens are trained (``loss_mask=`` of the write methods; all when not given). Targets
             are then stored only where the next token is trained, and the datasets give ``labels = -100`` elsewhere.
+        extras: other streams to store beside the targets (:class:`~softcache.extras.HiddenStates`,
+            :class:`~softcache.extras.Attentions`), given per sequence through ``extras=`` of the write methods.
     """
 
     def __init__(
@@ -82,9 +85,10 @@ class CacheWriter:
         chunk_elements: int = 1 << 26,
         storage_options: dict | None = None,
         loss_mask: bool = False,
+        extras: Sequence[Extra] = (),
     ) -> None:
         new = new_manifest(vocab_size, k, targets, temperatures, samples, backend, logprob_step, metadata or {})
-        new.extras = ["loss_mask"] if loss_mask else []
+        new.extras = {e.name: e.settings() for e in [*([LossMask()] if loss_mask else []), *extras]}
         if batch_tokens < 1 or shard_tokens < 1 or chunk_elements < 1:
             raise ValueError("batch_tokens, shard_tokens and chunk_elements must be positive")
         self.fs, self.root = open_fs(path_or_url, storage_options)
@@ -103,6 +107,7 @@ class CacheWriter:
         except BaseException:
             self._lock.release()
             raise
+        self.extras = self.manifest.configured_extras()
         self._pending: list[tuple] = []  # (input_ids, target_ids, values, lognorm, extras) per sequence
         self._pending_tokens = 0
         self._shard = None
@@ -145,18 +150,21 @@ class CacheWriter:
 
     # -- public writing API --------------------------------------------------------------------
 
-    def write_logits(self, input_ids, logits, attention_mask=None, loss_mask=None) -> None:
+    def write_logits(self, input_ids, logits, attention_mask=None, loss_mask=None, extras: dict | None = None) -> None:
         """Add sequences from the teacher's logits.
 
         ``input_ids`` (L,) with ``logits`` (L, V), or (B, L) with (B, L, V) and optionally
         ``attention_mask`` (B, L) (positions with mask 0 are dropped). torch tensors on any device or
         numpy arrays. Top-k, normalisers and samples are computed on the logits' device in row chunks,
         so no fp32 buffer larger than ``chunk_elements`` is created. ``loss_mask`` (shaped like ``input_ids``):
-        which tokens are trained, for a writer made with ``loss_mask=True`` (see :class:`~softcache.kinds.LossMask`).
+        which tokens are trained, for a writer made with ``loss_mask=True`` (see :class:`~softcache.extras.LossMask`).
+        ``extras``: the other extra streams of one sequence, by name (e.g. ``{"hidden_states": {layer: (L, H)}}``).
         """
         self._check_open()
         ids, rows = _split_batch(input_ids, logits, attention_mask, self.settings.vocab_size)
         masks = _split_mask(loss_mask, input_ids, attention_mask, len(ids))
+        if extras and len(ids) != 1:
+            raise ValueError("extras= are given for one sequence: write batched sequences one at a time")
         for seq_ids, seq_logits, seq_mask in zip(ids, rows, masks, strict=True):
             index = self.num_sequences + len(self._pending)
             t_ids, values, lognorm, broken = self.sparsifier.sequence(seq_logits, index, self.chunk_elements)
@@ -165,10 +173,10 @@ class CacheWriter:
                     f"sequence {index}, position {int(np.flatnonzero(broken)[0])}: teacher logits are NaN, +inf or "
                     "all -inf; check the teacher's dtype (fp16 overflow) and inputs"
                 )
-            self._add(seq_ids, t_ids, values, lognorm, seq_mask)
+            self._add(seq_ids, t_ids, values, lognorm, seq_mask, extras)
 
     def write_targets(
-        self, input_ids, target_ids, target_logprobs=None, lognorm=None, counts=None, loss_mask=None
+        self, input_ids, target_ids, target_logprobs=None, lognorm=None, counts=None, loss_mask=None, extras=None
     ) -> None:
         """Add one sequence from precomputed targets.
 
@@ -178,10 +186,11 @@ class CacheWriter:
         :meth:`write_logits`; targets at positions whose next token is not trained are dropped.
         """
         values = counts if self.kind.values_name == "counts" else target_logprobs
-        self.write_values(input_ids, target_ids, values, lognorm, loss_mask)
+        self.write_values(input_ids, target_ids, values, lognorm, extras, loss_mask=loss_mask)
 
-    def write_values(self, input_ids, target_ids, values, lognorm=None, loss_mask=None) -> None:
-        """:meth:`write_targets` with the kind's values positional: log-probs (topk) or counts (sampled)."""
+    def write_values(self, input_ids, target_ids, values, lognorm=None, extras=None, loss_mask=None) -> None:
+        """:meth:`write_targets` with the kind's values positional: log-probs (topk) or counts (sampled), then the
+        normalisers and the extras (what ``softcache build`` computes per sequence, in that order)."""
         self._check_open()
         vocab_size, k = self.settings.vocab_size, self.settings.k
         input_ids = as_array(input_ids, "input_ids", np.integer)
@@ -193,7 +202,7 @@ class CacheWriter:
             raise ValueError(f"target_ids must lie in [-1, vocab_size={vocab_size}); -1 marks padding")
         _check_unique(target_ids)
         values, lognorm = self.kind.check_targets(target_ids, values, lognorm, self.settings)
-        self._add(input_ids, target_ids, values, lognorm, loss_mask)
+        self._add(input_ids, target_ids, values, lognorm, loss_mask, extras)
 
     # -- buffering, encoding, commits ------------------------------------------------------------
 
@@ -202,29 +211,46 @@ class CacheWriter:
         """Sequences committed or buffered so far (the index the next sequence will have, minus buffered)."""
         return self.manifest.num_sequences + self._shard_stats[0]
 
-    def _add(self, input_ids, target_ids, values, lognorm, loss_mask=None) -> None:
-        if "loss_mask" in self.manifest.extras:
-            mask = LossMask().check(np.ones(len(input_ids), bool) if loss_mask is None else loss_mask, len(input_ids))
-            drop = ~LossMask.targets_stored(mask)
+    def _add(self, input_ids, target_ids, values, lognorm, loss_mask=None, extras=None) -> None:
+        stored = self._check_extras(len(input_ids), loss_mask, extras)
+        if "loss_mask" in stored:
+            drop = ~LossMask.targets_stored(stored["loss_mask"])
             target_ids, values = target_ids.copy(), values.copy()
             target_ids[drop], values[drop] = -1, 0
             if lognorm is not None:
                 lognorm = lognorm.copy()
                 lognorm[drop] = 0
-            extras = {"loss_mask": mask}
-        elif loss_mask is not None:
-            raise ValueError(f"{self.url} stores no loss mask; create the writer with loss_mask=True to store one")
-        else:
-            extras = {}
         k = self.settings.k
         pad = k - target_ids.shape[1]
         if pad:
             target_ids = np.pad(target_ids, ((0, 0), (0, pad)), constant_values=-1)
             values = np.pad(values, ((0, 0), (0, pad)))
-        self._pending.append((np.asarray(input_ids, np.int64), target_ids, values, lognorm, extras))
+        self._pending.append((np.asarray(input_ids, np.int64), target_ids, values, lognorm, stored))
         self._pending_tokens += len(input_ids)
         if self._pending_tokens >= self.batch_tokens:
             self._flush_batch()
+
+    def _check_extras(self, length: int, loss_mask, extras: dict | None) -> dict:
+        """What each of the cache's extras stores for this sequence; the loss mask defaults to every token."""
+        given = dict(extras or {})
+        if loss_mask is not None:
+            given["loss_mask"] = loss_mask
+        names = [e.name for e in self.extras]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{self.url} stores no {', '.join(unknown)} (it stores {names or 'no extras'}); create the writer with "
+                f"{'loss_mask=True' if unknown == ['loss_mask'] else 'extras=[...]'} to store it"
+            )
+        stored = {}
+        for extra in self.extras:
+            value = given.get(extra.name)
+            if value is None and isinstance(extra, LossMask):
+                value = np.ones(length, bool)
+            elif value is None:
+                raise ValueError(f"{self.url} stores {extra.name}: pass extras={{{extra.name!r}: ...}} with each one")
+            stored[extra.name] = extra.check(value, length)
+        return stored
 
     def _flush_batch(self) -> None:
         if not self._pending:
@@ -241,8 +267,9 @@ class CacheWriter:
         }
         lognorm = None if seqs[0][3] is None else np.concatenate([p[3] for p in seqs])
         streams.update(self.kind.encode(target_ids, values, lognorm, self.settings, self._order))
-        for name in self.manifest.extras:
-            streams.update(EXTRAS[name].encode(np.concatenate([p[4][name] for p in seqs])))
+        lengths = np.array([len(p[0]) for p in seqs])
+        for extra in self.extras:
+            streams.update(extra.encode([p[4][extra.name] for p in seqs], lengths))
         self._shard.write_batch(streams, len(seqs))
         self._pending, self._pending_tokens = [], 0
         self._shard_stats[0] += len(seqs)
@@ -262,7 +289,7 @@ class CacheWriter:
 
     @property
     def _streams(self) -> list[str]:
-        return [*TOKEN_STREAMS, *self.kind.streams, *(s for name in self.manifest.extras for s in EXTRAS[name].streams)]
+        return [*TOKEN_STREAMS, *self.kind.streams, *(s for extra in self.extras for s in extra.streams())]
 
     def _commit_shard(self) -> None:
         shard, self._shard = self._shard, None
@@ -294,7 +321,7 @@ class CacheWriter:
             backend=options.pop("backend", manifest.backend),
             metadata=options.pop("metadata", manifest.metadata),
             logprob_step=manifest.codec["logprob_step"],
-            loss_mask="loss_mask" in manifest.extras,
+            extras=manifest.configured_extras(),
             **options,
         )
 

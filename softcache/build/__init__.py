@@ -5,7 +5,9 @@
 * :mod:`.teacher`: loading the teacher, its body/output-layer split, targets from hidden states in row chunks
   (through :mod:`softcache.sparsify`, the one logits → targets implementation);
 * :mod:`.distributed`: checking ``--out`` (resume, refuse, overwrite) and merging the ranks of a ``torchrun`` build;
-* :mod:`.run`: :func:`build`, which ties them together.
+* :mod:`.run`: :func:`build`, which ties them together;
+* :mod:`.generate`: ``generate`` (``softcache generate``, also ``softcache.generate``): the teacher's answers to
+  prompts, with its targets at every generated token, from the same pieces.
 """
 
 from .run import BuildResult, build, build_demo

@@ -109,14 +109,15 @@ def merge_rank_caches(out: str, settings: dict, dist: Dist) -> Manifest:
     fs, root = open_fs(out)
     if dist.rank == 0:
         with CacheWriter(out, **settings) as writer:
-            skipped = []
+            skipped, rejected = [], []
             ranks = [open_cache(rank_path(out, r, dist.world)) for r in range(dist.world)]
             shards = itertools.chain.from_iterable(rank.encoded_shards() for rank in ranks)
             writer.copy_shards(itertools.islice(shards, len(writer.manifest.shards), None))  # resumes a killed merge
             for rank in ranks:
                 skipped += rank.manifest.build_state.skipped_bad
+                rejected += rank.manifest.build_state.rejected
                 rank.close()
-            writer.manifest.build_state = BuildState(complete=True, skipped_bad=skipped)
+            writer.manifest.build_state = BuildState(complete=True, skipped_bad=skipped, rejected=rejected)
             writer.save_manifest()
         _remove_rank_folders(fs, out, dist.world)
     dist.barrier()

@@ -83,9 +83,14 @@ def _pick_field(ds, spec: str, field: str | None, chat_template: bool) -> tuple[
     if field is None:
         field = "messages" if chat_template else "input_ids" if "input_ids" in columns else "text"
     if field not in columns:
+        hint = ""
+        if not chat_template and any(c in columns for c in ("messages", "conversations")):
+            hint = "; for chat data (a column of messages), pass --chat-template (with --field if it is not 'messages')"
+        elif {"prompt", "completion"} <= set(columns):
+            hint = "; for prompt/completion data, pass --mask completion"
         raise DataError(
             f"{spec} has no column {field!r}; its columns are {columns}. Pass --field with the text column "
-            "(or a column of token ids)"
+            f"(or a column of token ids){hint}"
         )
     feature = ds.features[field]
     pretokenised = not chat_template and getattr(feature, "feature", None) is not None and getattr(
@@ -104,9 +109,11 @@ def _texts(batch: list, field: str, first_row: int, spec: str, tokenizer, chat_t
         elif value is None:
             value = ""
         elif not isinstance(value, str):
+            chat = isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
             raise DataError(
                 f"{spec}, row {first_row + j}: column {field!r} holds {type(value).__name__}, not text; "
-                "pass --field with a text column"
+                + ("it holds chat messages: pass --chat-template to render them with the tokenizer's chat template"
+                   if chat else "pass --field with a text column")
             )
         out.append(value)
     return out

@@ -50,6 +50,10 @@ def batches(lengths: np.ndarray, start: int, end: int, batch_tokens: int) -> lis
     return out
 
 
+REJECTED = "rejected"
+"""In place of a result: a sample that ``softcache generate``'s filter rejected (counted in the build state)."""
+
+
 class BackgroundWriter:
     """Hands finished sequences to a :class:`~softcache.CacheWriter` on a thread, in dataset order, so
     that the teacher does not wait for encoding and disk. Sequences dropped by ``--skip-bad`` are recorded
@@ -64,8 +68,8 @@ class BackgroundWriter:
         self._thread.start()
 
     def put(self, items: list[tuple[int, np.ndarray, tuple | None]]) -> None:
-        """``items``: (sequence index, input_ids, (target_ids, values, lognorm) or None when skipped, loss mask or
-        None)."""
+        """``items``: (sequence index, input_ids, (target_ids, values, lognorm) or None when skipped (or
+        :data:`REJECTED`), loss mask or None)."""
         while True:
             self._raise_if_failed()
             try:
@@ -91,6 +95,8 @@ class BackgroundWriter:
                 for index, input_ids, result, mask in items:
                     if result is None:
                         self.writer.manifest.build_state.skipped_bad.append(int(index))
+                    elif isinstance(result, str) and result == REJECTED:
+                        self.writer.manifest.build_state.rejected.append(int(index))
                     else:
                         self.writer.write_values(input_ids, *result, loss_mask=mask)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread

@@ -31,6 +31,7 @@ from ..kinds import get_kind
 from ..sparsify import Sparsifier
 from ..writer import CacheWriter, new_manifest
 from .distributed import Dist, check_out, merge_rank_caches, prepare_out, rank_path
+from .features import check_features, feature_size_note, features
 from .gguf import teacher_info as gguf_teacher_info
 from .inputs import Sequences, load_rows, resolve_mask, tokenize
 from .plan import BackgroundWriter, batches, rank_windows, windows
@@ -83,6 +84,10 @@ def build(
     limit: int | None = None,
     chat_template: bool = False,
     mask: str | None = None,
+    hidden_states: list[int] | None = None,
+    hidden_dtype: str = "bf16",
+    hidden_project: int | None = None,
+    attentions: list[int] | None = None,
     batch_tokens: int = 16384,
     dtype: str | None = None,
     device: str | None = None,
@@ -112,6 +117,7 @@ def build(
     # Everything that can be checked without the teacher is checked before it loads (that can take minutes).
     new_manifest(MAX_VOCAB, k, targets, temps, samples, backend)
     mask = resolve_mask(mask, chat_template)
+    check_features(hidden_states, hidden_dtype, hidden_project, attentions, max_length)
     check_out(out)
     if not show:
         import datasets
@@ -120,7 +126,9 @@ def build(
     rows = load_rows(data, split, limit)
 
     model, tokenizer = load_teacher(teacher, revision, trust_remote_code, torch_dtype, dev, show)
-    head = TeacherHead(model, Sparsifier(get_kind(targets), k, tuple(temps), samples, seed))
+    hidden, attn = features(model, hidden_states, hidden_dtype, hidden_project, attentions, seed)
+    head = TeacherHead(model, Sparsifier(get_kind(targets), k, tuple(temps), samples, seed), hidden_states=hidden,
+                       attentions=attn)
     vocab = head.vocab_size
     if len(tokenizer) > vocab:
         raise TeacherError(
@@ -136,7 +144,7 @@ def build(
 
     settings = dict(vocab_size=vocab, k=k, targets=targets, temperatures=temps, samples=samples, backend=backend,
                     shard_tokens=shard_tokens, batch_tokens=min(4096, max(1, shard_tokens // 4)), seed=seed,
-                    loss_mask=mask != "all")
+                    loss_mask=mask != "all", extras=[e for e in (hidden, attn) if e is not None])
     build_id = {
         "teacher_config_sha256": config_hash(model.config),
         "tokenizer_vocab_sha256": vocab_fingerprint(tokenizer),
@@ -151,6 +159,11 @@ def build(
         build_id["teacher_gguf_sha256"] = gguf["sha256"]
     if mask != "all":  # (a key only when masked: builds without a mask keep the identity they always had)
         build_id["mask"] = mask
+    for extra in (hidden, attn):  # (likewise)
+        if extra is not None:
+            build_id[extra.name] = extra.settings()
+    if (hidden or attn) and not quiet and dist.rank == 0:
+        print(feature_size_note(hidden, attn, max_length), file=sys.stderr)
     metadata = {
         "teacher": {"path": os.path.abspath(teacher) if os.path.exists(teacher) else teacher, "revision": revision,
                     "class": type(model).__name__, "config_sha256": build_id["teacher_config_sha256"],

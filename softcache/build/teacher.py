@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import TeacherError
+from ..extras import Attentions, HiddenStates
 from ..sparsify import Sparsifier
 from .gguf import find_gguf, load_gguf
 
@@ -80,6 +81,8 @@ class TeacherHead:
     model: torch.nn.Module
     sparsifier: Sparsifier
     chunk_elements: int = 1 << 24
+    hidden_states: HiddenStates | None = None
+    attentions: Attentions | None = None
 
     def __post_init__(self) -> None:
         m = self.model
@@ -96,13 +99,42 @@ class TeacherHead:
         self.scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
         self.divide = getattr(cfg, "logits_scaling", None)  # Granite divides
         self.input_device = next(self.body.parameters()).device
+        self.projection = None
+        if self.hidden_states is not None and self.hidden_states.projection is not None:
+            p = self.hidden_states.projection
+            matrix = HiddenStates.projection_matrix(p["seed"], p["from"], self.hidden_states.width)
+            self.projection = torch.from_numpy(matrix)
+        self._features: dict = {}
 
     # -- forward -------------------------------------------------------------------------------
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: bool = False) -> torch.Tensor:
+        """The body's last hidden states; with ``features``, the hidden states and attentions the cache stores are
+        kept in ``self._features`` (layer → batch tensors) for :meth:`batch_targets`."""
+        want_h, want_a = features and self.hidden_states is not None, features and self.attentions is not None
         out = self.body(input_ids=input_ids.to(self.input_device), attention_mask=attention_mask.to(self.input_device),
-                        use_cache=False)
+                        use_cache=False, output_hidden_states=want_h, output_attentions=want_a)
+        self._features = {}
+        if want_h:
+            self._features["hidden_states"] = {layer: out.hidden_states[layer] for layer in self.hidden_states.layers}
+        if want_a:
+            self._features["attentions"] = {layer: out.attentions[layer] for layer in self.attentions.layers}
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def _sequence_features(self, b: int, length: int) -> dict:
+        """The stored features of sequence ``b`` of the last batch, as float32 numpy arrays."""
+        out = {}
+        for name, layers in self._features.items():
+            if name == "hidden_states":
+                out[name] = {}
+                for layer, h in layers.items():
+                    h = h[b, :length].float()
+                    if self.projection is not None:
+                        h = h @ self.projection.to(h.device)
+                    out[name][layer] = h.cpu().numpy()
+            else:
+                out[name] = {layer: a[b, :, :length, :length].float().cpu().numpy() for layer, a in layers.items()}
+        return out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output layer on some rows of hidden states → fp32 logits (rows, V)."""
@@ -138,11 +170,11 @@ class TeacherHead:
         """Targets of a right-padded batch. → (per-sequence results, bad sequence positions in the batch).
 
         Each result is (target_ids (L, k) int32, values (L, k): log-probs float32 or counts int32,
-        lognorm (L, n_temps) float64 or None).
+        lognorm (L, n_temps) float64 or None, the extras the cache stores: hidden states, attentions; or None).
         """
         lengths_t = torch.tensor(lengths)
         mask = (torch.arange(input_ids.shape[1])[None] < lengths_t[:, None]).long()
-        h = self.hidden(input_ids, mask)
+        h = self.hidden(input_ids, mask, features=True)
         rows = h[mask.to(h.device).bool()]  # (N, H) valid positions, sequence after sequence
         owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
         uniforms = self.sparsifier.uniforms(lengths, seq_index, rows.device)
@@ -163,5 +195,6 @@ class TeacherHead:
         out = []
         for b, end in enumerate(ends):
             s = slice(end - lengths[b], end)
-            out.append((ids[s], vals[s], None if norms is None else norms[s]))
+            features = self._sequence_features(b, lengths[b]) or None
+            out.append((ids[s], vals[s], None if norms is None else norms[s], features))
         return out, [b for b in range(len(lengths)) if bad[b]]

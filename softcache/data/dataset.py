@@ -25,6 +25,8 @@ class SoftTargetDataset(CacheSource, Dataset):
             (``log_softmax(lp/τ)`` over the kept ids). The teacher's tail mass is lost, so this is opt-in;
             captured temperatures stay exact.
         storage_options: fsspec options when ``cache_or_url`` is a URL.
+        allow_incomplete: read a cache whose ``softcache build`` was interrupted (``softcache info`` says
+            ``complete: no``); by default that is a ValueError, since it holds only part of the dataset.
 
     Each DataLoader worker reopens the cache in its own process.
     """
@@ -36,8 +38,9 @@ class SoftTargetDataset(CacheSource, Dataset):
         max_length: int | None = None,
         retemper: bool = False,
         storage_options: dict | None = None,
+        allow_incomplete: bool = False,
     ) -> None:
-        super().__init__(cache_or_url, temperature, max_length, retemper, storage_options)
+        super().__init__(cache_or_url, temperature, max_length, retemper, storage_options, allow_incomplete)
 
     def __len__(self) -> int:
         return len(self.cache)

@@ -71,7 +71,8 @@ class Tempering:
 class CacheSource:
     """A cache opened once per process, plus the temperature and truncation of the items made from it."""
 
-    def __init__(self, cache_or_url, temperature: float, max_length: int | None, retemper: bool, storage_options):
+    def __init__(self, cache_or_url, temperature: float, max_length: int | None, retemper: bool, storage_options,
+                 allow_incomplete: bool = False):  # fmt: skip
         if isinstance(cache_or_url, Cache):
             self._cache = cache_or_url
             self.url = cache_or_url.url
@@ -80,6 +81,13 @@ class CacheSource:
             self.url = str(cache_or_url)
             self.storage_options = storage_options
             self._cache = open_cache(self.url, storage_options=storage_options)
+        state = self._cache.manifest.build_state
+        if state is not None and not state.complete and not allow_incomplete:
+            raise ValueError(
+                f"the cache {self.url} is incomplete: its build was interrupted after {len(self._cache):,} sequences "
+                "(softcache info: complete: no). Rerun the same softcache build command to finish it, or pass "
+                "allow_incomplete=True to train on the sequences written so far"
+            )
         self._pid = os.getpid()
         if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
             raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
@@ -121,7 +129,8 @@ class CacheSource:
         return self.item_from_batch(cache.decoded_batch(shard, batch), j)
 
     def item_from_batch(self, decoded: dict[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
-        """Sequence ``j`` of a decoded batch as an item."""
+        """Sequence ``j`` of a decoded batch as an item (with ``teacher_hidden`` / ``teacher_attentions`` when the
+        cache stores them)."""
         a, b = int(decoded["offsets"][j]), int(decoded["offsets"][j + 1])
         if self.max_length is not None:
             b = min(b, a + self.max_length)
@@ -130,10 +139,15 @@ class CacheSource:
         labels = input_ids.copy()
         if "loss_mask" in decoded:  # untrained tokens: −100, so the soft and the hard term both skip them
             labels[~decoded["loss_mask"][a:b]] = -100
-        return {
+        item = {
             "input_ids": input_ids,
             "attention_mask": np.ones_like(input_ids),
             "labels": labels,
             "target_ids": target_ids,
             "target_logprobs": self.tempering(target_ids, decoded["target_logprobs"][a:b], decoded["lognorm"][a:b]),
         }
+        for extra in self.cache.extras:
+            if extra.name != "loss_mask":  # features (copies: the decoded batch is shared by later reads)
+                for key, value in extra.item(decoded, j, a, b).items():
+                    item[key] = {layer: array.copy() for layer, array in value.items()}
+        return item

@@ -23,7 +23,8 @@ class StreamingSoftTargetDataset(CacheSource, IterableDataset):
     """Items as :class:`SoftTargetDataset` makes them, read batch by batch; for DDP, workers and resumption.
 
     Args:
-        cache_or_url, temperature, max_length, retemper, storage_options: as for :class:`SoftTargetDataset`.
+        cache_or_url, temperature, max_length, retemper, storage_options, allow_incomplete: as for
+            :class:`SoftTargetDataset`.
         shuffle: permute the units each epoch and pass sequences through the shuffle buffer; ``False``
             reads the cache in stored order.
         shuffle_buffer: sequences held for shuffling per reader (memory: about
@@ -57,8 +58,9 @@ class StreamingSoftTargetDataset(CacheSource, IterableDataset):
         world_size: int | None = None,
         storage_options: dict | None = None,
         even: bool = False,
+        allow_incomplete: bool = False,
     ) -> None:
-        super().__init__(cache_or_url, temperature, max_length, retemper, storage_options)
+        super().__init__(cache_or_url, temperature, max_length, retemper, storage_options, allow_incomplete)
         if not isinstance(shuffle_buffer, (int, np.integer)) or shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be a non-negative integer, got {shuffle_buffer!r}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from .. import codec
 from .._version import __version__
 from ..errors import CacheFormatError
-from ..kinds import EXTRAS, KINDS, Settings, TargetKind, get_kind
+from ..extras import EXTRAS, Extra, configure
+from ..kinds import KINDS, Settings, TargetKind, get_kind
 from .base import BACKENDS
 from .fs import check_plain_file, join, tmp_name
 
@@ -127,11 +128,13 @@ class ShardEntry:
 
 @dataclass
 class BuildState:
-    """Progress of ``softcache build`` on this cache: finished or not, and the sequences it skipped
-    (``--skip-bad``), in dataset order, up to the last committed shard."""
+    """Progress of ``softcache build`` (or ``generate``) on this cache: finished or not, the sequences it skipped
+    (``--skip-bad``) and the generated samples its ``filter`` rejected, in dataset order, up to the last committed
+    shard."""
 
     complete: bool = False
     skipped_bad: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -148,7 +151,8 @@ class Manifest:
     metadata: dict = field(default_factory=dict)
     shards: list[ShardEntry] = field(default_factory=list)
     build_state: BuildState | None = None
-    extras: list[str] = field(default_factory=list)
+    extras: dict[str, dict] = field(default_factory=dict)
+    """Extra streams beside the targets (see :mod:`softcache.extras`): name → settings."""
     format_version: int = 1
     softcache_version: str = __version__
     checksummed: bool = True
@@ -179,8 +183,11 @@ class Manifest:
         """The settings every writer of this cache must share (:data:`FIXED_KEYS`, and its extras if any)."""
         fixed = {key: getattr(self, key) for key in FIXED_KEYS}
         if self.extras:
-            fixed["extras"] = list(self.extras)
+            fixed["extras"] = {name: dict(settings) for name, settings in self.extras.items()}
         return fixed
+
+    def configured_extras(self) -> list[Extra]:
+        return configure(self.extras)
 
     def shard_settings(self) -> bytes:
         """What each shard's header repeats (everything that decodes it; not the backend, which convert changes)."""
@@ -199,6 +206,8 @@ class Manifest:
         if self.build_state is not None:
             state = self.build_state
             d["build_state"] = {"complete": state.complete, "skipped_bad": list(state.skipped_bad)}
+            if state.rejected:  # (a key only when there are some: builds keep the manifests they always wrote)
+                d["build_state"]["rejected"] = list(state.rejected)
         d[CHECKSUM_KEY] = canonical_digest(d)
         return d
 
@@ -270,18 +279,23 @@ def _check_fields(d: dict, where: str) -> dict:
         raise CacheFormatError(f"{where}: temperatures must be distinct finite positive numbers, got {temps!r}")
     if not isinstance(d["codec"], dict):
         raise CacheFormatError(f"{where}: codec must be an object, got {d['codec']!r}")
-    extras = d.get("extras", [])
-    if not isinstance(extras, list) or not all(isinstance(e, str) and e in EXTRAS for e in extras):
-        raise CacheFormatError(f"{where}: extras must list known streams ({', '.join(EXTRAS)}), got {extras!r}")
+    extras = d.get("extras", {})
+    if not isinstance(extras, dict) or not all(e in EXTRAS and isinstance(s, dict) for e, s in extras.items()):
+        known = ", ".join(EXTRAS)
+        raise CacheFormatError(f"{where}: extras must map known streams ({known}) to settings, got {extras!r}")
     if extras and d["format_version"] < 2:
         raise CacheFormatError(f"{where}: extras need format_version 2")
+    try:
+        configure(extras)
+    except ValueError as e:
+        raise CacheFormatError(f"{where}: extras: {e}") from None
     try:
         codec.CodecParams(**d["codec"])
         get_kind(d["targets"]).check_settings(k, vocab, [float(t) for t in temps], samples)
     except (TypeError, ValueError) as e:
         raise CacheFormatError(f"{where}: {e}") from None
     return {"targets": d["targets"], "k": k, "vocab_size": vocab, "temperatures": [float(t) for t in temps],
-            "samples": samples, "backend": d["backend"], "codec": dict(d["codec"]), "extras": list(extras)}
+            "samples": samples, "backend": d["backend"], "codec": dict(d["codec"]), "extras": dict(extras)}
 
 
 def _build_state(state: object, where: str) -> BuildState | None:
@@ -292,7 +306,10 @@ def _build_state(state: object, where: str) -> BuildState | None:
         _is_int(i) and i >= 0 for i in skipped
     ):
         raise CacheFormatError(f"{where}: build_state must hold complete (true/false) and skipped_bad (indices)")
-    return BuildState(state["complete"], list(skipped))
+    rejected = state.get("rejected", [])
+    if not isinstance(rejected, list) or not all(_is_int(i) and i >= 0 for i in rejected):
+        raise CacheFormatError(f"{where}: build_state rejected must list sample indices, got {rejected!r}")
+    return BuildState(state["complete"], list(skipped), list(rejected))
 
 
 def load_manifest(fs, root: str) -> Manifest:

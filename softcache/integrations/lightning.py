@@ -24,7 +24,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from .loss import DistillationLoss
+from .loss import DistillationLoss, attach_projection
+from .online import OnlineTeacher
 
 
 class DistillationModule(L.LightningModule):
@@ -37,22 +38,52 @@ class DistillationModule(L.LightningModule):
         temperature: loss temperature; default the dataset's (1.0 without one); given and different: ValueError.
         alpha, kind, tail, beta, fused: options of :class:`~softcache.integrations.loss.DistillationLoss`.
         learning_rate, weight_decay: of the default AdamW optimizer.
+        teacher: online distillation: a causal LM run under ``no_grad`` in each step, whose targets (at the loss
+            temperature) replace a cache's, so batches need only tokens (collate them with
+            :func:`~softcache.integrations.online.collate_inputs`). It is a frozen submodule (moved with the module,
+            kept in eval mode, not optimised). ``teacher_k``, ``teacher_targets``, ``teacher_samples``, ``seed``: the
+            targets it gives (:class:`~softcache.integrations.online.OnlineTeacher`).
+        alpha_hidden, alpha_attention, hidden_kind, layer_map, projection: the feature terms for caches with hidden
+            states / attention maps (:class:`~softcache.integrations.loss.DistillationLoss`); ``projection`` becomes a
+            submodule of ``model`` so the optimizer trains it.
     """
 
     def __init__(self, model, *, dataset=None, temperature=None, alpha=1.0, kind="forward_kl", tail="bucket",
-                 beta=0.5, fused="auto", learning_rate=1e-3, weight_decay=0.0):  # fmt: skip
+                 beta=0.5, fused="auto", learning_rate=1e-3, weight_decay=0.0, teacher=None, teacher_k=64,
+                 teacher_targets="topk", teacher_samples=None, seed=0, alpha_hidden=0.0, alpha_attention=0.0,
+                 hidden_kind="mse", layer_map=None, projection=None):  # fmt: skip
         super().__init__()
         self.model = model
+        self.teacher = teacher
+        self.online = None
+        vocab_size = None
+        if teacher is not None:
+            self.online = OnlineTeacher(teacher, k=teacher_k, targets=teacher_targets, samples=teacher_samples,
+                                        seed=seed)  # fmt: skip
+            vocab_size = self.online.check_student(model)
         self.distillation = DistillationLoss.for_datasets(model, [dataset], temperature=temperature, alpha=alpha,
-                                                          kind=kind, tail=tail, beta=beta, fused=fused)  # fmt: skip
+                                                          kind=kind, tail=tail, beta=beta, fused=fused,
+                                                          vocab_size=vocab_size, alpha_hidden=alpha_hidden,
+                                                          alpha_attention=alpha_attention, hidden_kind=hidden_kind,
+                                                          layer_map=layer_map, projection=projection)  # fmt: skip
+        if projection is not None:
+            attach_projection(model, projection)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
 
     def distillation_loss(self, batch, num_items_in_batch=None, with_terms=True):
         """(loss, terms): the loss on ``batch`` and, with 0 < alpha < 1, its detached soft and hard terms."""
+        if self.online is not None and "target_ids" not in batch:
+            batch = self.online.add_targets(batch, self.distillation.temperature)
         loss, terms, _ = self.distillation(self.model, batch, num_items_in_batch=num_items_in_batch,
                                            with_terms=with_terms)  # fmt: skip
         return loss, terms
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # dropout in the teacher would make its targets random
+        return self
 
     def training_step(self, batch, batch_idx):
         loss, terms = self.distillation_loss(batch)

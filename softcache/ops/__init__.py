@@ -1,8 +1,19 @@
 """Whole-cache operations behind the CLI: ``info`` (:func:`summary`), :func:`verify`, :func:`convert` and ``stats``."""
 
 from .convert import convert
-from .info import summary
-from .stats import describe, plot_stats, position_stats, text_histogram
+from .info import completeness, summary
+from .stats import describe, panels, plot_stats, position_stats, text_histogram
 from .verify import VerifyReport, verify
 
-__all__ = ["VerifyReport", "convert", "describe", "plot_stats", "position_stats", "summary", "text_histogram", "verify"]
+__all__ = [
+    "VerifyReport",
+    "completeness",
+    "convert",
+    "describe",
+    "panels",
+    "plot_stats",
+    "position_stats",
+    "summary",
+    "text_histogram",
+    "verify",
+]

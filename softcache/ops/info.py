@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from ..format.manifest import Manifest
 from ..reader import Cache
+
+INCOMPLETE = "no (interrupted build; rerun the same command to finish)"
+
+
+def completeness(manifest: Manifest) -> str:
+    """Whether the cache holds everything it was meant to: ``softcache build`` records it in the manifest's
+    build_state (false until the last sequence is committed); a cache written with CacheWriter directly is no build."""
+    state = manifest.build_state
+    if state is None:
+        return "yes (written by CacheWriter, not a build)"
+    return "yes" if state.complete else INCOMPLETE
 
 
 def summary(cache: Cache) -> dict:
@@ -13,6 +25,7 @@ def summary(cache: Cache) -> dict:
     params = cache.params
     out = {
         "path": cache.url,
+        "complete": completeness(m),
         "format_version": m.format_version,
         "targets": m.targets,
         "k": m.k,
@@ -30,6 +43,12 @@ def summary(cache: Cache) -> dict:
         "teacher": m.metadata.get("teacher"),
         "manifest_checksum": "verified" if m.checksummed else "none (written before manifests were checksummed)",
     }
+    if not cache.kind.can_retemper:  # rows hold at most `samples` distinct ids of the k slots; how many at most here
+        widest = 0
+        for s, shard in enumerate(m.shards):
+            for b in range(len(shard.batches)):
+                widest = max(widest, int((cache.decoded_batch(s, b)["target_ids"] >= 0).sum(1).max(initial=0)))
+        out["widest_row"] = f"{widest} of {m.k} slots ({m.samples} draws per position)"
     if cache.kind.can_retemper:  # stored log-probs are quantised (sampled counts are exact)
         out["max_logprob_error"] = f"{params.max_logprob_error:.4g} nats / T"
         out["tail_mass_error"] = f"{params.lognorm_step:.1g}"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import CorruptShardError
 from ..format import join, shard_digest
 from ..reader import Cache
+from .info import completeness
 
 
 @dataclass
@@ -15,6 +16,8 @@ class VerifyReport:
     shards_checked: int = 0
     batches_checked: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
+    complete: str = "yes"
+    """:func:`softcache.ops.completeness`: "yes…", or "no (interrupted build; …)" for a build that did not finish."""
 
     @property
     def ok(self) -> bool:
@@ -24,10 +27,11 @@ class VerifyReport:
 def verify(path_or_url, storage_options: dict | None = None, decode: bool = True, progress=None) -> VerifyReport:
     """Check every shard: present, size and SHA-256 as in the manifest, every batch's CRC, and (with
     ``decode``) that every batch decodes to the counts the manifest records. Problems are collected,
-    each naming its shard; the manifest itself must load (else :class:`CacheFormatError`)."""
+    each naming its shard; the manifest itself must load (else :class:`CacheFormatError`). ``report.complete``
+    says whether the build that wrote the cache finished (an interrupted one is not a problem of the shards)."""
     cache = Cache(path_or_url, storage_options=storage_options, max_cached_batches=1)
     fs, root = cache.fs, cache.root
-    report = VerifyReport()
+    report = VerifyReport(complete=completeness(cache.manifest))
     for s, entry in enumerate(cache.manifest.shards):
         name = entry.file
         report.shards_checked += 1

@@ -55,7 +55,12 @@ def assert_same_cache(a, b) -> None:
         ra, rb = a[i], b[i]
         assert ra.keys() == rb.keys()
         for key in ra:
-            np.testing.assert_array_equal(ra[key], rb[key], err_msg=f"sequence {i}, {key}")
+            if isinstance(ra[key], dict):  # features: layer → array
+                assert ra[key].keys() == rb[key].keys()
+                for layer in ra[key]:
+                    np.testing.assert_array_equal(ra[key][layer], rb[key][layer], err_msg=f"sequence {i}, {key}")
+            else:
+                np.testing.assert_array_equal(ra[key], rb[key], err_msg=f"sequence {i}, {key}")
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,16 @@ COMMANDS = {
     "hf_trainer": [sys.executable, "examples/hf_trainer.py"],
     "lightning_train": [sys.executable, "examples/lightning_train.py"],
     "ddp_torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "examples/ddp_torchrun.py"],
+    "self_distillation": [sys.executable, "examples/self_distillation.py"],
+    "feature_distillation": [sys.executable, "examples/feature_distillation.py"],
 }
 EXPECT = {
     "plain_pytorch": r"step 3 loss \d+\.\d+",
     "hf_trainer": r"held-out distillation loss: \d+\.\d+ before, \d+\.\d+ after 3 steps",
     "lightning_train": r"held-out distillation loss: \d+\.\d+ before, \d+\.\d+ after 3 steps",
     "ddp_torchrun": r"step 3 loss \d+\.\d+ \(\d+ rows on 2 ranks\)[\s\S]*ranks hold identical weights after 3 steps",
+    "self_distillation": r"generation 2, step 3: loss \d+\.\d+ offline, \d+\.\d+ online[\s\S]*offline and online",
+    "feature_distillation": r"after 3 steps: loss \d+\.\d+ → \d+\.\d+, hidden \d+\.\d+ → \d+\.\d+, attention",
 }
 
 
