@@ -31,7 +31,6 @@ import hashlib
 import importlib
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -40,22 +39,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._version import __version__
 from ..errors import DataError, TeacherError
 from ..format import BuildState, join, open_fs
 from ..format.fs import tmp_name
 from ..format.manifest import MAX_VOCAB
-from ..identity import config_hash, vocab_fingerprint
 from ..kinds import get_kind
 from ..reader import open_cache
 from ..sparsify import Sparsifier
 from ..writer import CacheWriter, new_manifest
 from .distributed import Dist, check_out, merge_rank_caches, prepare_out, rank_path
-from .gguf import teacher_info as gguf_teacher_info
 from .inputs import load_rows
 from .plan import REJECTED, BackgroundWriter
 from .run import BuildResult
-from .teacher import load_teacher, resolve_device, resolve_dtype
+from .teacher import load_teacher, resolve_device, resolve_dtype, teacher_identity
 
 TEXTS_NAME = "generations.jsonl"
 """The file, inside the cache, holding the generated text of every kept sample."""
@@ -153,25 +149,17 @@ def generate(
                     shard_tokens=shard_tokens, batch_tokens=min(4096, max(1, shard_tokens // 4)), seed=seed,
                     loss_mask=True)  # fmt: skip
     generation = {**sampling, "seed": seed, "eos_token_ids": eos, "pad_token_id": pad, "filter": filter_name}
+    identity, described = teacher_identity(teacher, revision, model, tokenizer, torch_dtype, command)
     build_id = {
         "command": "generate",
-        "teacher_config_sha256": config_hash(model.config),
-        "tokenizer_vocab_sha256": vocab_fingerprint(tokenizer),
+        **identity,
         "prompts": os.path.abspath(prompts) if os.path.exists(prompts) else prompts,
         "split": split, "field": column, "limit": limit, "k": k, "targets": targets, "samples": samples,
-        "temperatures": temps, "dtype": str(torch_dtype).removeprefix("torch."), "backend": backend,
-        "shard_tokens": shard_tokens, "world_size": dist.world, **generation,
+        "temperatures": temps, "backend": backend, "shard_tokens": shard_tokens, "world_size": dist.world,
+        **generation,
     }  # fmt: skip
-    gguf = gguf_teacher_info(teacher)
-    if gguf is not None:
-        build_id["teacher_gguf_sha256"] = gguf["sha256"]
     metadata = {
-        "teacher": {"path": os.path.abspath(teacher) if os.path.exists(teacher) else teacher, "revision": revision,
-                    "class": type(model).__name__, "config_sha256": build_id["teacher_config_sha256"],
-                    "dtype": build_id["dtype"], "vocab_size": vocab, **({"gguf": gguf} if gguf else {})},
-        "tokenizer": {"vocab_sha256": build_id["tokenizer_vocab_sha256"], "size": len(tokenizer)},
-        "softcache_version": __version__,
-        "command": command if command is not None else shlex.join(sys.argv),
+        **described,
         "build": build_id,
         "generation": {**generation, "prompt_column": column, "chat_template": column == "messages",
                        "targets_from": "raw logits of each generation step (before temperature, top-k, top-p)"},

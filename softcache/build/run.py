@@ -15,27 +15,23 @@ in rank order, into the cache (see :mod:`.distributed`).
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .._version import __version__
 from ..errors import TeacherError
 from ..format import BuildState, Manifest
 from ..format.manifest import MAX_VOCAB
-from ..identity import config_hash, vocab_fingerprint
 from ..kinds import get_kind
 from ..sparsify import Sparsifier
 from ..writer import CacheWriter, new_manifest
 from .distributed import Dist, check_out, merge_rank_caches, prepare_out, rank_path
 from .features import check_features, feature_size_note, features
-from .gguf import teacher_info as gguf_teacher_info
 from .inputs import Sequences, load_rows, resolve_mask, tokenize
 from .plan import BackgroundWriter, batches, rank_windows, windows
-from .teacher import TeacherHead, load_teacher, resolve_device, resolve_dtype
+from .teacher import TeacherHead, load_teacher, resolve_device, resolve_dtype, teacher_identity
 
 
 @dataclass
@@ -145,18 +141,15 @@ def build(
     settings = dict(vocab_size=vocab, k=k, targets=targets, temperatures=temps, samples=samples, backend=backend,
                     shard_tokens=shard_tokens, batch_tokens=min(4096, max(1, shard_tokens // 4)), seed=seed,
                     loss_mask=mask != "all", extras=[e for e in (hidden, attn) if e is not None])
+    identity, described = teacher_identity(teacher, revision, model, tokenizer, torch_dtype, command)
     build_id = {
-        "teacher_config_sha256": config_hash(model.config),
-        "tokenizer_vocab_sha256": vocab_fingerprint(tokenizer),
+        **identity,
         "data": os.path.abspath(data) if os.path.exists(data) else data,
         "split": split, "field": field, "limit": limit, "chat_template": chat_template, "max_length": max_length,
         "pack": pack, "k": k, "targets": targets, "samples": samples, "temperatures": temps,
-        "batch_tokens": batch_tokens, "dtype": str(torch_dtype).removeprefix("torch."), "backend": backend,
-        "shard_tokens": shard_tokens, "seed": seed, "world_size": dist.world,
+        "batch_tokens": batch_tokens, "backend": backend, "shard_tokens": shard_tokens, "seed": seed,
+        "world_size": dist.world,
     }
-    gguf = gguf_teacher_info(teacher)  # file name, sha256, quantisation; None unless --teacher is a GGUF file
-    if gguf is not None:  # another file (another quantisation) is another build, even with the same config
-        build_id["teacher_gguf_sha256"] = gguf["sha256"]
     if mask != "all":  # (a key only when masked: builds without a mask keep the identity they always had)
         build_id["mask"] = mask
     for extra in (hidden, attn):  # (likewise)
@@ -165,12 +158,7 @@ def build(
     if (hidden or attn) and not quiet and dist.rank == 0:
         print(feature_size_note(hidden, attn, max_length), file=sys.stderr)
     metadata = {
-        "teacher": {"path": os.path.abspath(teacher) if os.path.exists(teacher) else teacher, "revision": revision,
-                    "class": type(model).__name__, "config_sha256": build_id["teacher_config_sha256"],
-                    "dtype": build_id["dtype"], "vocab_size": vocab, **({"gguf": gguf} if gguf else {})},
-        "tokenizer": {"vocab_sha256": build_id["tokenizer_vocab_sha256"], "size": len(tokenizer)},
-        "softcache_version": __version__,
-        "command": command if command is not None else shlex.join(sys.argv),
+        **described,
         "build": build_id,
         "data": {"rows": len(rows), "empty_rows": docs.empty_rows, "sequences": len(seqs), "tokens": seqs.num_tokens},
     }

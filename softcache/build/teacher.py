@@ -8,15 +8,21 @@ uses), so a build and the writer store the same targets for the same logits and 
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .._version import __version__
 from ..errors import TeacherError
 from ..extras import Attentions, HiddenStates
+from ..identity import config_hash, vocab_fingerprint
 from ..sparsify import Sparsifier
 from .gguf import find_gguf, load_gguf
+from .gguf import teacher_info as gguf_teacher_info
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -72,6 +78,31 @@ def load_teacher(path: str, revision: str | None, trust_remote_code: bool, dtype
         ) from None
     model.eval()
     return model, tokenizer
+
+
+def teacher_identity(path: str, revision: str | None, model, tokenizer, dtype: torch.dtype, command: str | None):
+    """What names a teacher in a manifest. → (build identity entries: config and vocabulary hashes, dtype, and the
+    GGUF file's hash for a GGUF teacher, since another quantisation is another build; metadata entries: teacher,
+    tokenizer, softcache version, command)."""
+    gguf = gguf_teacher_info(path)  # file name, sha256, quantisation; None unless the teacher is a GGUF file
+    identity = {
+        "teacher_config_sha256": config_hash(model.config),
+        "tokenizer_vocab_sha256": vocab_fingerprint(tokenizer),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if gguf is not None:
+        identity["teacher_gguf_sha256"] = gguf["sha256"]
+    head = model.get_output_embeddings()
+    vocab = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+    metadata = {
+        "teacher": {"path": os.path.abspath(path) if os.path.exists(path) else path, "revision": revision,
+                    "class": type(model).__name__, "config_sha256": identity["teacher_config_sha256"],
+                    "dtype": identity["dtype"], "vocab_size": vocab, **({"gguf": gguf} if gguf else {})},
+        "tokenizer": {"vocab_sha256": identity["tokenizer_vocab_sha256"], "size": len(tokenizer)},
+        "softcache_version": __version__,
+        "command": command if command is not None else shlex.join(sys.argv),
+    }  # fmt: skip
+    return identity, metadata
 
 
 @dataclass
