@@ -90,6 +90,29 @@ class LossMask(Extra):
         return np.append(mask[1:], False)
 
 
+def _check_layers(layers, what: str) -> None:
+    if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+        raise ValueError(f"{what} layers must be non-negative layer indices, got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{what} layers must be distinct, got {layers!r}")
+
+
+def _per_layer(value, name: str, layers: list[int], shape: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """A writer's ``{layer: array}`` for one sequence, checked: exactly ``layers``, each ``shape``, finite; float32."""
+    if not isinstance(value, dict) or sorted(value) != sorted(layers):
+        got = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"{name} must be a dict of layers {layers} → arrays of shape {shape}, got {got}")
+    out = {}
+    for layer in layers:
+        array = as_array(value[layer], f"{name}[{layer}]", np.floating).astype(np.float32)
+        if array.shape != shape:
+            raise ValueError(f"{name}[{layer}] must have shape {shape}, got {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name}[{layer}] holds NaN or inf")
+        out[layer] = array
+    return out
+
+
 def _float_bytes(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values → bf16/fp16 bytes, byte-shuffled (all low bytes, then all high bytes: zstd compresses the
     sign/exponent plane far better than interleaved bytes). bf16 rounds to nearest even."""
@@ -122,10 +145,7 @@ class HiddenStates(Extra):
     DTYPES = ("bf16", "fp16", "int8")
 
     def __init__(self, layers, width: int, dtype: str = "bf16", projection: dict | None = None) -> None:
-        if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
-            raise ValueError(f"hidden state layers must be non-negative layer indices, got {layers!r}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"hidden state layers must be distinct, got {layers!r}")
+        _check_layers(layers, "hidden state")
         if not isinstance(width, int) or not 1 <= width <= 1 << 16:
             raise ValueError(f"hidden state width must be an integer in [1, 65536], got {width!r}")
         if dtype not in self.DTYPES:
@@ -175,18 +195,7 @@ class HiddenStates(Extra):
         return names
 
     def check(self, value, length):
-        if not isinstance(value, dict) or sorted(value) != sorted(self.layers):
-            got = sorted(value) if isinstance(value, dict) else type(value).__name__
-            raise ValueError(f"hidden_states must be a dict of layers {self.layers} → (L, H) arrays, got {got}")
-        out = {}
-        for layer in self.layers:
-            h = as_array(value[layer], f"hidden_states[{layer}]", np.floating).astype(np.float32)
-            if h.shape != (length, self.width):
-                raise ValueError(f"hidden_states[{layer}] must have shape ({length}, {self.width}), got {h.shape}")
-            if not np.isfinite(h).all():
-                raise ValueError(f"hidden_states[{layer}] holds NaN or inf")
-            out[layer] = h
-        return out
+        return _per_layer(value, "hidden_states", self.layers, (length, self.width))
 
     def encode(self, values, lengths):
         streams = {}
@@ -232,10 +241,7 @@ class Attentions(Extra):
     MAX_LENGTH = 512
 
     def __init__(self, layers, heads: int) -> None:
-        if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
-            raise ValueError(f"attention layers must be non-negative layer indices, got {layers!r}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"attention layers must be distinct, got {layers!r}")
+        _check_layers(layers, "attention")
         if not isinstance(heads, int) or not 1 <= heads <= 1024:
             raise ValueError(f"attention heads must be an integer in [1, 1024], got {heads!r}")
         self.layers, self.heads = list(layers), heads
@@ -259,20 +265,7 @@ class Attentions(Extra):
     def check(self, value, length):
         if length > self.MAX_LENGTH:
             raise ValueError(f"attentions are stored for sequences of at most {self.MAX_LENGTH} tokens, not {length}")
-        if not isinstance(value, dict) or sorted(value) != sorted(self.layers):
-            got = sorted(value) if isinstance(value, dict) else type(value).__name__
-            raise ValueError(f"attentions must be a dict of layers {self.layers} → (heads, L, L) arrays, got {got}")
-        out = {}
-        for layer in self.layers:
-            a = as_array(value[layer], f"attentions[{layer}]", np.floating).astype(np.float32)
-            if a.shape != (self.heads, length, length):
-                raise ValueError(
-                    f"attentions[{layer}] must have shape ({self.heads}, {length}, {length}), got {a.shape}"
-                )
-            if not np.isfinite(a).all():
-                raise ValueError(f"attentions[{layer}] holds NaN or inf")
-            out[layer] = a
-        return out
+        return _per_layer(value, "attentions", self.layers, (self.heads, length, length))
 
     def encode(self, values, lengths):
         return {
