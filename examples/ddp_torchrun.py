@@ -68,6 +68,7 @@ def main():
     if rank == 0:
         same = all(torch.equal(s, sums[0]) for s in sums)
         print(f"ranks hold {'identical' if same else 'DIFFERENT'} weights after {args.steps} steps", flush=True)
+    dist.barrier()  # every rank done with its collectives before any tears the group down
     dist.destroy_process_group()
 
 
