@@ -67,7 +67,7 @@ def _extended_ids(target_ids, labels, vocab, cfg):
     return ids.to(torch.int32).contiguous()
 
 
-def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab, scale, cfg):
+def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab, scale, cfg, q_tail=None):
     """Per-row losses (N,) and the gradient coefficients: coef (N, K [+1]) at the extended ids and row (7, N) =
     (max_s, logsum_s, c_s, max_z, logsum_z, c_z, counted), where lse_* = (max, logsum) pairs from the forward kernel
     (logsumexp = max + logsum, kept apart for accuracy) and max = +inf on rows that do not count (their dense
@@ -83,7 +83,7 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
     inv_t = 1.0 / cfg.temperature
     s_k = zg[:, :k] * inv_t
     lq_k = (s_k - lse_s[0][:, None]) - lse_s[1][:, None] if need_s else None
-    d, big_a, a = row_terms(s_k, lq_k, target_logprobs.float(), valid, cfg)
+    d, big_a, a = row_terms(s_k, lq_k, target_logprobs.float(), valid, cfg, q_tail)
     if not need_s and not need_z:  # no log-normaliser carries a NaN or +inf logit into the row: add it
         poison = torch.where(torch.isnan(lse_s[1]), float("nan"), 0.0)
         d, a = d + poison, a + poison[:, None]
@@ -128,10 +128,12 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
             need_s, need_z, _ = _plan(cfg)
             ids_ext = _extended_ids(target_ids, labels, vocab, cfg)
             # need neither: lse_s is computed anyway, only to see NaN / +inf logits (the matmul dominates the cost)
-            lse_s, lse_z, zg = ops.fused_forward_triton(hidden, weight, bias, ids_ext, 1.0 / cfg.temperature,
-                                                         need_s or not need_z, need_z)  # fmt: skip
+            lse_s, lse_z, zg, q_tail = ops.fused_forward_triton(
+                hidden, weight, bias, ids_ext, 1.0 / cfg.temperature, need_s or not need_z, need_z,
+                target_ids.shape[1] if cfg.tail == 0 else None,
+            )  # fmt: skip
             losses, coef, row = _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab,
-                                                  scale, cfg)  # fmt: skip
+                                                  scale, cfg, q_tail)  # fmt: skip
             ctx.mode = "triton"
             if any_grad:
                 ctx.save_for_backward(hidden, weight, bias, ids_ext, coef, row)

@@ -81,10 +81,20 @@ def _online_lse(m, d, x):
 
 
 @triton.jit
+def _online_lse_tail(m, d, t, x, outside):
+    """``_online_lse`` that also keeps t, the running sum of exp(x - m) * outside (the bucket's tail)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    rescale = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe[:, None])
+    return m_new, d * rescale + tl.sum(e, axis=1), t * rescale + tl.sum(e * outside, axis=1)
+
+
+@triton.jit
 def _fused_forward_kernel(
     h_ptr, h_stride, w_ptr, w_stride, b_ptr, ids_ptr, ids_stride, zg_ptr, part_ptr,
-    N, V, H, K1, tiles_per_split, inv_t,
-    HAS_BIAS: tl.constexpr, NEED_S: tl.constexpr, NEED_Z: tl.constexpr,
+    N, V, H, K1, K_T, tiles_per_split, inv_t,
+    HAS_BIAS: tl.constexpr, NEED_S: tl.constexpr, NEED_Z: tl.constexpr, TAIL_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -97,6 +107,7 @@ def _fused_forward_kernel(
     d_s = tl.zeros((BLOCK_M,), tl.float32)
     m_z = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     d_z = tl.zeros((BLOCK_M,), tl.float32)
+    t_s = tl.zeros((BLOCK_M,), tl.float32)
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(V, BLOCK_N))
     for t in range(t_begin, t_end):
@@ -105,16 +116,25 @@ def _fused_forward_kernel(
         z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_ok, cols, V, H, HAS_BIAS,
                          BLOCK_M, BLOCK_N, BLOCK_H, PRECISION, UPCAST)  # fmt: skip
         z = tl.where(cols[None, :] < V, z, NEG_INF)
-        if NEED_S:
-            m_s, d_s = _online_lse(m_s, d_s, z * inv_t)
-        if NEED_Z:
-            m_z, d_z = _online_lse(m_z, d_z, z)
+        # TAIL_SUM (bucket): outside = 1 - (target slots holding the column), so t_s sums the tail exactly
+        outside = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
         for k in range(0, K1):
             idk = tl.load(ids_ptr + rows * ids_stride + k, mask=row_ok, other=-1).to(tl.int64)
             hit = (idk >= v0) & (idk < v0 + BLOCK_N)
             if tl.max(hit.to(tl.int32), axis=0) > 0:
-                val = tl.sum(tl.where(cols[None, :] == idk[:, None], z, 0.0), axis=1)
+                at = cols[None, :] == idk[:, None]
+                val = tl.sum(tl.where(at, z, 0.0), axis=1)
                 tl.store(zg_ptr + rows * K1 + k, val, mask=hit)
+                if TAIL_SUM:
+                    if k < K_T:
+                        outside -= tl.where(at, 1.0, 0.0)
+        if NEED_S:
+            if TAIL_SUM:
+                m_s, d_s, t_s = _online_lse_tail(m_s, d_s, t_s, z * inv_t, outside)
+            else:
+                m_s, d_s = _online_lse(m_s, d_s, z * inv_t)
+        if NEED_Z:
+            m_z, d_z = _online_lse(m_z, d_z, z)
     # part[(0..3), split, row] = m_s, d_s, m_z, d_z
     out = part_ptr + split * N + rows
     stride = n_splits * N
@@ -122,6 +142,7 @@ def _fused_forward_kernel(
     tl.store(out + stride, d_s, mask=row_ok)
     tl.store(out + 2 * stride, m_z, mask=row_ok)
     tl.store(out + 3 * stride, d_z, mask=row_ok)
+    tl.store(out + 4 * stride, t_s, mask=row_ok)
 
 
 @triton.jit
@@ -265,12 +286,15 @@ def fused_forward_triton(
     inv_t: float,
     need_s: bool,
     need_z: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_targets: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Row log-normalisers and gathered logits without materialising (N, V).
 
     hidden (N, H) and weight (V, H) with unit last stride, bias (V,) or None, ids_ext (N, K1) int with -1 where
     nothing is to be gathered. Returns lse_s = (max, log_sum) of z / T (when need_s, else None), lse_z the same of
-    z (when need_z), and the fp32 logits at ids_ext (N, K1) (0 where the id is -1).
+    z (when need_z), the fp32 logits at ids_ext (N, K1) (0 where the id is -1), and, when ``n_targets`` (the first
+    slots of ids_ext that are target ids) is given with need_s, the bucket's student tail 1 - Q per row: the
+    softmax(z / T) mass outside those ids (duplicates subtract their extra copies), summed in the pass (else None).
     """
     n, h = hidden.shape
     vocab = weight.shape[0]
@@ -282,17 +306,25 @@ def fused_forward_triton(
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)
     zg = torch.zeros((n, k1), dtype=torch.float32, device=hidden.device)
-    part = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
+    tail_sum = need_s and n_targets is not None
+    part = torch.empty((5, splits, n), dtype=torch.float32, device=hidden.device)
     _fused_forward_kernel[(n_m, splits)](
         hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
         ids_ext, ids_ext.stride(0), zg, part,
-        n, vocab, h, k1, per_split, inv_t,
-        HAS_BIAS=bias is not None, NEED_S=need_s, NEED_Z=need_z,
+        n, vocab, h, k1, n_targets or 0, per_split, inv_t,
+        HAS_BIAS=bias is not None, NEED_S=need_s, NEED_Z=need_z, TAIL_SUM=tail_sum,
         PRECISION=_precision(hidden.dtype), UPCAST=_upcast(hidden.dtype), **cfg,
     )  # fmt: skip
     lse_s = _merge_lse(part[0], part[1]) if need_s else None
     lse_z = _merge_lse(part[2], part[3]) if need_z else None
-    return lse_s, lse_z, zg
+    q_tail = None
+    if tail_sum:
+        mx = lse_s[0]
+        at_max = torch.exp(part[0] - mx)
+        total = (part[1] * at_max).sum(0)
+        # total NaN (a NaN or +inf logit) or 0 (a row that does not count): 0 here, the log-normaliser carries it
+        q_tail = torch.where(total > 0, (part[4] * at_max).sum(0) / total.clamp_min(1e-30), torch.zeros_like(total))
+    return lse_s, lse_z, zg, q_tail
 
 
 def fused_backward_triton(

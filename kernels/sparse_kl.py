@@ -5,8 +5,10 @@ s = z / T, log q = log_softmax(s). Teacher slots k with id_k >= 0 form the suppo
 (teacher log-probs already at the loss temperature), P = sum_S p, Q = sum_S q_{id_k}.
 Duplicate ids are separate bins. Tails choose the two distributions compared:
 
-- ``bucket``: bins (p_1..p_K, max(0, 1 - P)) vs (q_1..q_K, 1 - Q), with 1 - Q = -expm1(log Q)
-  (clamped at 0, which only duplicates can reach).
+- ``bucket``: bins (p_1..p_K, max(0, 1 - P)) vs (q_1..q_K, 1 - Q). 1 - Q is summed in the dense pass as
+  sum_j q_j (1 - c_j), c_j = the slots holding id j (the mass outside S, less the extra copies of duplicates;
+  clamped at 0, which only duplicates can reach), and 1 - P in float64: both exact to the tail's own rounding
+  where 1 - sum_S q in fp32 keeps nothing of a tail below ~1e-7.
 - ``renormalize`` (forward_kl only): p / P over S vs the full-vocabulary q.
 - ``restrict``: p / P vs q / Q, both over S (q / Q is the softmax of the K gathered logits).
 

@@ -44,12 +44,14 @@ def bin_terms(p, lp, q, lq_raw, beta: float, kind: int):
     return f, g, w
 
 
-def row_terms(s_k, lq_k, lp, valid, cfg: LossConfig):
+def row_terms(s_k, lq_k, lp, valid, cfg: LossConfig, q_tail=None):
     """Per-row divergence D, dense coefficient A and per-slot fix-ups a (all w.r.t. s = z / T).
 
     The gradient of D with respect to s_j is ``-A * q_j + sum_{k: id_k = j} a_k``.
     Shapes (R, K): s_k = z / T at the target ids (used by tail='restrict'), lq_k = log_softmax(s) there
     (other tails; None for 'restrict'), teacher log-probs lp, and the mask of valid slots.
+    ``q_tail`` (R,): the bucket's student tail 1 - Q summed in the dense pass (see ``tail_mass``); without it
+    1 - Q = -expm1(log Q) from the gathered q, which loses the tail's bits once 1 - Q nears fp32 rounding of 1.
     """
     zero = torch.zeros((), dtype=s_k.dtype, device=s_k.device)
     ninf = torch.full((), float("-inf"), dtype=s_k.dtype, device=s_k.device)
@@ -66,8 +68,9 @@ def row_terms(s_k, lq_k, lp, valid, cfg: LossConfig):
     q = lq_raw.exp()
     if cfg.tail == 0:  # bucket: K slots plus one tail bin
         f, _, w = bin_terms(p, lp.clamp_min(LOG_EPS), q, lq_raw, cfg.beta, cfg.kind)
-        p_t = (1.0 - big_p).clamp_min(0.0)
-        q_t_raw = -torch.expm1(q.sum(-1).log())  # 1 - Q, accurate when Q is near 1
+        # 1 - P in float64 from the K log-probs: in fp32 it would round away a teacher tail below ~1e-7
+        p_t = (1.0 - lp.double().exp().sum(-1)).clamp_min(0.0).to(p.dtype)
+        q_t_raw = -torch.expm1(q.sum(-1).log()) if q_tail is None else q_tail
         q_t = q_t_raw.clamp_min(0.0)
         f_t, g_t, _ = bin_terms(p_t, p_t.clamp_min(EPS).log(), q_t, q_t.log(), cfg.beta, cfg.kind)
         g_t = torch.where(q_t_raw > 0, g_t, zero)
@@ -88,6 +91,17 @@ def row_terms(s_k, lq_k, lp, valid, cfg: LossConfig):
             a = w - q * w.sum(-1, keepdim=True)
             big_a = torch.zeros_like(d)
     return d, big_a, a
+
+
+def tail_mass(q: torch.Tensor, ids_safe: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The bucket's student tail 1 - Q per row, summed over the vocabulary: sum_j q_j (1 - c_j), c_j = slots with id j.
+
+    Outside the support c_j = 0, so this is the mass outside S, exact to the rounding of the tail's own terms
+    (1 - sum_S q loses everything below fp32's rounding of 1: ~6e-8). Duplicate ids (c_j > 1) subtract their extra
+    copies, as the separate bins of 1 - Q do. q (R, V) probabilities; ids_safe, valid (R, K).
+    """
+    outside = torch.ones_like(q).scatter_add_(1, ids_safe, -valid.to(q.dtype))
+    return torch.linalg.vecdot(q, outside)
 
 
 def sparse_kl_forward_torch(
@@ -136,12 +150,16 @@ def sparse_kl_forward_torch(
             poison = torch.where(x.amax(-1) < float("inf"), 0.0, float("nan")).to(compute)
         del x, s
         lq_k = logq.gather(1, ids_safe) if logq is not None else None
-        d, big_a, a = row_terms(s_k, lq_k, target_logprobs[r0:r1].to(compute), valid, cfg)
+        lq_label = logq1.gather(1, lab_safe)[:, 0] if cfg.has_ce else None
+        q_tail = None
+        if cfg.tail == 0:  # from here on logq holds q (and so does logq1 when shared)
+            q_tail = tail_mass(logq.exp_(), ids_safe, valid)
+        d, big_a, a = row_terms(s_k, lq_k, target_logprobs[r0:r1].to(compute), valid, cfg, q_tail)
         if poison is not None:
             d, a = d + poison, a + poison[:, None]
         row = cfg.soft_weight * d
         if cfg.has_ce:
-            row = row - cfg.ce_weight * logq1.gather(1, lab_safe)[:, 0]
+            row = row - cfg.ce_weight * lq_label
         losses[r0:r1] = torch.where(counted, row, torch.zeros_like(row)).float()
         if grad is None:
             continue
@@ -153,7 +171,8 @@ def sparse_kl_forward_torch(
         if logq is None:
             g = torch.zeros((r1 - r0, vocab), dtype=compute, device=logits.device)
         else:
-            g = logq.exp_().mul_((dense_c + ce_c if shared else dense_c)[:, None])
+            q = logq if cfg.tail == 0 else logq.exp_()
+            g = q.mul_((dense_c + ce_c if shared else dense_c)[:, None])
         if cfg.has_ce and not shared:
             g.add_(logq1.exp_().mul_(ce_c[:, None]))
         g.scatter_add_(1, ids_safe, torch.where(valid, a * soft[:, None], torch.zeros_like(a)))

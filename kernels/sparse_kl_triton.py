@@ -1,8 +1,10 @@
 """Triton kernels of the sparse distillation loss: one program per row, two streaming passes over V.
 
 Pass 1 reads the row in blocks of ``BLOCK_V`` and keeps an online max/sum of ``s = z / T`` (and of ``z`` when a
-hard cross-entropy at T = 1 is mixed in) in fp32 registers. The K student logits at the target ids are
-gathered, and a handful of per-row scalars follow from them (see ``sparse_kl.py`` for the math):
+hard cross-entropy at T = 1 is mixed in) in fp32 registers; with tail='bucket' also the sum of exp(s - max) over
+the columns outside the target ids (the student's tail, exact; each block masks its few ids, found as one range of
+the row's sorted ids). The K student logits at the target ids are gathered, and a handful of per-row scalars
+follow from them (see ``sparse_kl.py`` for the math):
 the divergence ``D``, the dense coefficient ``A`` and the per-slot fix-ups ``a_k``, so that
 
     dD/ds_j = -A * q_j + sum_{k: id_k = j} a_k.
@@ -62,16 +64,6 @@ def _bin_terms(p, lp, q, lq_raw, beta, KIND: tl.constexpr):
 
 
 @triton.jit
-def _neg_expm1(x):
-    """1 - exp(x) for x <= 0, accurate near 0 (Kahan: expm1(x) = (u - 1) * x / log(u), u = exp(x))."""
-    u = tl.exp(x)
-    log_u = tl.where(u == 1.0, 1.0, tl.log(u))
-    small = (u - 1.0) * x / log_u
-    em1 = tl.where(u == 1.0, x, tl.where(tl.abs(x) < 0.5, small, u - 1.0))
-    return -em1
-
-
-@triton.jit
 def _log_normaliser(m, d):
     """m + log(d) from an online max m and sum d: NaN where d is NaN or 0."""
     return tl.where(d != 0.0, m + tl.log(tl.where(d == 0.0, 1.0, d)), float("nan"))
@@ -91,11 +83,12 @@ def _dense_grad(x, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S: tl.constexpr, HAS
 @triton.jit
 def _sparse_kl_kernel(
     x_ptr, x_stride, grad_ptr, grad_stride,
-    ids_ptr, ids_stride, lp_ptr, lp_stride, labels_ptr, scale_ptr,
+    ids_ptr, ids_stride, lp_ptr, lp_stride, labels_ptr, scale_ptr, sorted_ptr,
     loss_ptr, fix_ptr,
     V, K, inv_t, soft_w, ce_w, beta, ignore_index,
     KIND: tl.constexpr, TAIL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     NEED_S: tl.constexpr, SHARE_LSE: tl.constexpr, SCAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    TAIL_SUM: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -120,6 +113,12 @@ def _sparse_kl_kernel(
     m_z = NEG_INF
     d_z = 0.0
     n_bad = 0
+    # TAIL_SUM (bucket): t_s sums exp(s_j - m) (1 - c_j) beside d_s, c_j = slots with id j, so that 1 - Q = t_s / d_s
+    # is exact to the tail's own rounding. The row's ids, sorted, give each block its few ids as one range.
+    t_s = 0.0
+    if TAIL_SUM:
+        srt_row = sorted_ptr + row * K
+        srt = tl.load(srt_row + offs_k, mask=in_k, other=V)
     v_end = tl.where(counted, V, 0)
     for start in range(0, v_end, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
@@ -128,8 +127,17 @@ def _sparse_kl_kernel(
             s = x * inv_t
             m_new = tl.maximum(m_s, tl.max(s, axis=0))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-            d_s = d_s * tl.exp(m_s - m_safe) + tl.sum(tl.exp(s - m_safe), axis=0)
+            rescale = tl.exp(m_s - m_safe)
+            e = tl.exp(s - m_safe)
+            d_s = d_s * rescale + tl.sum(e, axis=0)
             m_s = m_new
+            if TAIL_SUM:
+                outside = tl.full((BLOCK_V,), 1.0, tl.float32)
+                lo = tl.sum((srt < start).to(tl.int32), axis=0)
+                hi = tl.sum(((srt < start + BLOCK_V) & (srt < V)).to(tl.int32), axis=0)
+                for j in range(lo, hi):
+                    outside -= tl.where(offs == tl.load(srt_row + j), 1.0, 0.0)
+                t_s = t_s * rescale + tl.sum(e * outside, axis=0)
         if HAS_CE and not SHARE_LSE:
             m_new = tl.maximum(m_z, tl.max(x, axis=0))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
@@ -174,8 +182,10 @@ def _sparse_kl_kernel(
     q = tl.exp(lq_raw)
     if TAIL == 0:  # bucket: K slots + tail bin
         f, g, w = _bin_terms(p, tl.maximum(lp, _LOG_EPS), q, lq_raw, beta, KIND)
-        p_t = tl.maximum(1.0 - big_p, 0.0)
-        q_t_raw = _neg_expm1(tl.log(tl.sum(q, axis=0)))
+        # 1 - P in float64 (K terms): in fp32 it would round away a teacher tail below ~1e-7
+        p64 = tl.where(valid, tl.exp(lp.to(tl.float64)), 0.0)
+        p_t = tl.maximum(1.0 - tl.sum(p64, axis=0), 0.0).to(tl.float32)
+        q_t_raw = tl.where(d_s != 0.0, t_s / tl.where(d_s == 0.0, 1.0, d_s), 0.0)
         q_t = tl.maximum(q_t_raw, 0.0)
         f_t, g_t, w_t = _bin_terms(p_t, tl.log(tl.maximum(p_t, _EPS)), q_t, tl.log(q_t), beta, KIND)
         g_t = tl.where(q_t_raw > 0, g_t, 0.0)
@@ -287,14 +297,19 @@ def sparse_kl_forward_triton(
     fix = torch.empty((n, k) if compute_grad else (1,), dtype=torch.float32, device=logits.device)
     grad_arg = grad if compute_grad else logits
     labels_arg = labels if labels is not None else target_ids
+    tail_sum = cfg.tail == 0
+    sorted_ids = target_ids  # a placeholder pointer unless tail_sum
+    if tail_sum:  # the row's valid ids in ascending order, V past the end: O(N K), no host sync
+        ids = target_ids.long()
+        sorted_ids = torch.where((ids >= 0) & (ids < vocab), ids, vocab).sort(-1).values.to(torch.int32)
     _sparse_kl_kernel[(n,)](
         logits, logits.stride(0), grad_arg, grad_arg.stride(0),
-        target_ids, target_ids.stride(0), target_logprobs, target_logprobs.stride(0), labels_arg, scale,
+        target_ids, target_ids.stride(0), target_logprobs, target_logprobs.stride(0), labels_arg, scale, sorted_ids,
         losses, fix,
         vocab, k, 1.0 / cfg.temperature, cfg.soft_weight, cfg.ce_weight, cfg.beta, cfg.ignore_index,
         KIND=cfg.kind, TAIL=cfg.tail, HAS_LABELS=labels is not None, HAS_CE=cfg.has_ce,
         NEED_S=cfg.tail != 2, SHARE_LSE=cfg.tail != 2 and cfg.temperature == 1.0,
-        SCAN=cfg.tail == 2 and not cfg.has_ce, COMPUTE_GRAD=compute_grad,
+        SCAN=cfg.tail == 2 and not cfg.has_ce, COMPUTE_GRAD=compute_grad, TAIL_SUM=tail_sum,
         BLOCK_V=block_v, BLOCK_K=block_k, CHUNK_K=chunk_k, num_warps=num_warps,
     )  # fmt: skip
     return losses
