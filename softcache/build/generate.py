@@ -31,7 +31,6 @@ import hashlib
 import importlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,11 +46,11 @@ from ..kinds import get_kind
 from ..reader import open_cache
 from ..sparsify import Sparsifier
 from ..writer import CacheWriter, new_manifest
-from .distributed import Dist, check_out, merge_rank_caches, prepare_out, rank_path
+from .distributed import check_out, merge_rank_caches, prepare_out, rank_path
 from .inputs import load_rows
 from .plan import REJECTED, BackgroundWriter
 from .run import BuildResult
-from .teacher import load_teacher, resolve_device, resolve_dtype, teacher_identity
+from .teacher import load_teacher, run_setup, teacher_identity
 
 TEXTS_NAME = "generations.jsonl"
 """The file, inside the cache, holding the generated text of every kept sample."""
@@ -120,14 +119,10 @@ def generate(
     :class:`GenerateResult` (``.summary()`` is the one-line report).
     """
     t0 = time.perf_counter()
-    dist = Dist.from_env(device)
-    show = not quiet and dist.rank == 0 and sys.stderr.isatty()
-    dev = "map" if device == "map" else resolve_device(device, dist.local_rank)
-    torch_dtype = resolve_dtype(dtype, "cuda" if dev == "map" else dev)
+    setup = run_setup(device, dtype, quiet, targets, samples)
+    dist, dev, torch_dtype, show = setup.dist, setup.device, setup.dtype, setup.show
     temps = [float(t) for t in temperatures]
     sampling = _check_sampling(max_new_tokens, temperature, top_p, top_k, num_return_sequences, batch_size)
-    if targets == "sampled" and samples is None:
-        raise ValueError("--targets sampled needs --samples N (draws per position, e.g. 50)")
     new_manifest(MAX_VOCAB, k, targets, temps, samples, backend)
     keep, filter_name = _resolve_filter(filter)
     check_out(out)

@@ -27,11 +27,11 @@ from ..format.manifest import MAX_VOCAB
 from ..kinds import get_kind
 from ..sparsify import Sparsifier
 from ..writer import CacheWriter, new_manifest
-from .distributed import Dist, check_out, merge_rank_caches, prepare_out, rank_path
+from .distributed import check_out, merge_rank_caches, prepare_out, rank_path
 from .features import check_features, feature_size_note, features
 from .inputs import Sequences, load_rows, resolve_mask, tokenize
 from .plan import BackgroundWriter, batches, rank_windows, windows
-from .teacher import TeacherHead, load_teacher, resolve_device, resolve_dtype, teacher_identity
+from .teacher import TeacherHead, load_teacher, run_setup, teacher_identity
 
 
 @dataclass
@@ -103,13 +103,9 @@ def build(
     one-line report). Errors are ``ValueError`` subclasses whose message names the file, row or option.
     """
     t0 = time.perf_counter()
-    dist = Dist.from_env(device)
-    show = not quiet and dist.rank == 0 and sys.stderr.isatty()
-    dev = "map" if device == "map" else resolve_device(device, dist.local_rank)
-    torch_dtype = resolve_dtype(dtype, "cuda" if dev == "map" else dev)
+    setup = run_setup(device, dtype, quiet, targets, samples)
+    dist, dev, torch_dtype, show = setup.dist, setup.device, setup.dtype, setup.show
     temps = [float(t) for t in temperatures]
-    if targets == "sampled" and samples is None:
-        raise ValueError("--targets sampled needs --samples N (draws per position, e.g. 50)")
     # Everything that can be checked without the teacher is checked before it loads (that can take minutes).
     new_manifest(MAX_VOCAB, k, targets, temps, samples, backend)
     mask = resolve_mask(mask, chat_template)

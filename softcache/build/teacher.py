@@ -21,6 +21,7 @@ from ..errors import TeacherError
 from ..extras import Attentions, HiddenStates
 from ..identity import config_hash, vocab_fingerprint
 from ..sparsify import Sparsifier
+from .distributed import Dist
 from .gguf import find_gguf, load_gguf
 from .gguf import teacher_info as gguf_teacher_info
 
@@ -78,6 +79,27 @@ def load_teacher(path: str, revision: str | None, trust_remote_code: bool, dtype
         ) from None
     model.eval()
     return model, tokenizer
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Where a teacher pass runs: its rank in a torchrun job, the device and dtype, whether it shows progress."""
+
+    dist: Dist
+    device: str
+    dtype: torch.dtype
+    show: bool
+
+
+def run_setup(device: str | None, dtype: str | None, quiet: bool, targets: str, samples: int | None) -> RunSetup:
+    """The start of every teacher pass (build, generate): the rank (initialising torch.distributed under torchrun),
+    the device (``map``: spread over the GPUs), the dtype, progress on rank 0 of a terminal; and the first check."""
+    if targets == "sampled" and samples is None:
+        raise ValueError("--targets sampled needs --samples N (draws per position, e.g. 50)")
+    dist = Dist.from_env(device)
+    dev = "map" if device == "map" else resolve_device(device, dist.local_rank)
+    torch_dtype = resolve_dtype(dtype, "cuda" if dev == "map" else dev)
+    return RunSetup(dist, dev, torch_dtype, not quiet and dist.rank == 0 and sys.stderr.isatty())
 
 
 def teacher_identity(path: str, revision: str | None, model, tokenizer, dtype: torch.dtype, command: str | None):
