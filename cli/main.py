@@ -234,6 +234,13 @@ def _config(ctx, param, path) -> None:
               help="Store hidden states projected to D dimensions by a seeded random orthogonal matrix.")
 @click.option("--attentions", callback=lambda ctx, param, value: _layers(param, value), default=None,
               help="Also store attention probabilities (heads, L, L, bf16) at these layers; needs --max-length ≤ 512.")
+@click.option("--objective", type=click.Choice(["causal", "mlm"]), default="causal", show_default=True,
+              help="mlm: a masked-LM teacher (AutoModelForMaskedLM); each sequence is masked with BERT's seeded rule "
+              "and targets are stored at the masked positions only (unshifted).")
+@click.option("--mlm-probability", type=float, default=0.15, show_default=True,
+              help="--objective mlm: share of tokens chosen (of those 80% -> [MASK], 10% random, 10% kept).")
+@click.option("--mask-copies", type=int, default=1, show_default=True,
+              help="--objective mlm: differently-masked copies written of each sequence.")
 @click.option("--batch-tokens", type=int, default=16384, show_default=True, help="Padded tokens per teacher batch.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher dtype [default: bf16 on CUDA, fp32 on CPU].")

@@ -5,6 +5,8 @@
   int8 with a per-row absmax scale (error ≤ absmax/254 per element), optionally projected to ``D`` dimensions by a
   seeded random orthogonal matrix; for feature distillation (DistilBERT's cosine, TinyBERT's MSE).
 * :class:`Attentions`: the teacher's attention probabilities at chosen layers, ``(heads, L, L)`` per sequence, bf16.
+* :class:`MLMLabels`: a masked-LM cache (``objective: mlm``): per token the original id where the input was masked
+  (the input ids hold what the teacher saw), −1 elsewhere; targets are stored only at the masked positions, unshifted.
 
 A configured extra is recorded in the manifest (``extras``: name → settings), repeated in every shard header, and
 knows its streams, what a writer may hand it (:meth:`Extra.check`), its codec, and how a record is cut from a
@@ -17,6 +19,7 @@ import hashlib
 
 import numpy as np
 
+from . import codec
 from .kinds import as_array
 
 
@@ -293,7 +296,64 @@ class Attentions(Extra):
         return {"teacher_attentions": {layer: m[:, :n, :n] for layer, m in decoded["teacher_attentions"][j].items()}}
 
 
-EXTRAS: dict[str, type[Extra]] = {cls.name: cls for cls in (LossMask, HiddenStates, Attentions)}
+class MLMLabels(Extra):
+    """A masked-LM cache: the stored ``input_ids`` are the corrupted ids the teacher saw, and this stream holds per
+    token the original id at the masked (chosen) positions, −1 elsewhere. Targets are not shifted: position ``t``
+    holds the teacher's distribution of token ``t``, stored only at the masked positions. Settings: ``objective``
+    (``"mlm"``), the masking ``probability`` and ``copies`` (differently-masked copies written of each sequence)."""
+
+    name = "mlm_labels"
+
+    def __init__(self, probability: float = 0.15, copies: int = 1) -> None:
+        if not isinstance(probability, (int, float)) or isinstance(probability, bool) or not 0 < probability < 1:
+            raise ValueError(f"the masking probability must lie in (0, 1), got {probability!r}")
+        if not isinstance(copies, int) or isinstance(copies, bool) or not 1 <= copies <= 1024:
+            raise ValueError(f"mask copies must be an integer in [1, 1024], got {copies!r}")
+        self.probability, self.copies = float(probability), copies
+
+    @classmethod
+    def from_settings(cls, settings):
+        if settings.get("objective") != "mlm" or set(settings) != {"objective", "probability", "copies"}:
+            raise ValueError(f"mlm_labels settings must hold objective 'mlm', probability and copies, got {settings!r}")
+        return cls(settings["probability"], settings["copies"])
+
+    def settings(self):
+        return {"objective": "mlm", "probability": self.probability, "copies": self.copies}
+
+    def check(self, value, length):
+        labels = as_array(value, "mlm_labels", np.integer).astype(np.int64)
+        if labels.shape != (length,):
+            raise ValueError(f"mlm_labels must have one value per token, shape ({length},), got {tuple(labels.shape)}")
+        if labels.size and labels.min() < -1:
+            raise ValueError("mlm_labels must be token ids at masked positions and -1 elsewhere")
+        return labels
+
+    def encode(self, values, lengths):
+        return {"mlm_labels": codec.encode_tokens(np.concatenate(values) + 1)}  # 0: not masked
+
+    def decode(self, streams, lengths):
+        return {"mlm_labels": codec.decode_tokens(streams["mlm_labels"], int(lengths.sum())) - 1}
+
+    def corrupt(self, input_ids: np.ndarray, *, mask_id: int, vocab_size: int, special_ids, seed: int, index: int,
+                copy: int) -> tuple[np.ndarray, np.ndarray]:
+        """BERT's masking of one sequence → (corrupted ids, labels: the original id where chosen, −1 elsewhere).
+
+        Each token that is not a special token is chosen with ``probability``; a chosen token becomes ``mask_id``
+        (80 %), a uniformly random id below ``vocab_size`` (10 %) or stays (10 %). Seeded by (``seed``, ``index``,
+        ``copy``) with numpy's PCG64, so the same on every machine and in a resumed build."""
+        ids = np.asarray(input_ids, np.int64)
+        rng = np.random.default_rng([int(seed), int(index), int(copy)])
+        u = rng.random((2, len(ids)))
+        random_ids = rng.integers(0, vocab_size, len(ids))
+        chosen = (u[0] < self.probability) & ~np.isin(ids, np.asarray(list(special_ids), np.int64))
+        corrupted = ids.copy()
+        corrupted[chosen & (u[1] < 0.8)] = mask_id
+        swap = chosen & (u[1] >= 0.8) & (u[1] < 0.9)
+        corrupted[swap] = random_ids[swap]
+        return corrupted, np.where(chosen, ids, -1)
+
+
+EXTRAS: dict[str, type[Extra]] = {cls.name: cls for cls in (LossMask, HiddenStates, Attentions, MLMLabels)}
 
 
 def configure(extras: dict) -> list[Extra]:

@@ -213,8 +213,12 @@ class CacheWriter:
 
     def _add(self, input_ids, target_ids, values, lognorm, loss_mask=None, extras=None) -> None:
         stored = self._check_extras(len(input_ids), loss_mask, extras)
+        drop = None
         if "loss_mask" in stored:
             drop = ~LossMask.targets_stored(stored["loss_mask"])
+        if "mlm_labels" in stored:  # a masked-LM cache: targets only at the masked positions (unshifted)
+            drop = stored["mlm_labels"] < 0
+        if drop is not None:
             target_ids, values = target_ids.copy(), values.copy()
             target_ids[drop], values[drop] = -1, 0
             if lognorm is not None:

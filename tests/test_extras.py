@@ -119,3 +119,33 @@ def test_projection_matrix_is_seeded_and_orthonormal():
     np.testing.assert_array_equal(a, HiddenStates.projection_matrix(3, 40, 8))
     np.testing.assert_allclose(a.T @ a, np.eye(8), atol=1e-5)
     assert not np.array_equal(a, HiddenStates.projection_matrix(4, 40, 8))
+
+
+@pytest.mark.parametrize("backend", ["arrow", "zarr"])
+def test_flipped_bytes_never_give_other_features(backend, tmp_path):
+    """Flip bytes anywhere in a feature cache's shards: every read is the original record or a CorruptShardError."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "c"
+    write(root, "int8", backend, rng)
+    reference = softcache.open_cache(root)
+    original = [reference[i] for i in range(len(reference))]
+    reference.close()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "softcache.json")
+    caught = 0
+    for f in files:
+        data = f.read_bytes()
+        for pos in sorted({0, len(data) // 2, len(data) - 1, *rng.integers(0, len(data), 3).tolist()}):
+            flipped = bytearray(data)
+            flipped[pos] ^= 0x24
+            f.write_bytes(bytes(flipped))
+            try:
+                cache = softcache.open_cache(root)
+                for i, want in enumerate(original):
+                    got = cache[i]
+                    for layer, h in want["teacher_hidden"].items():
+                        np.testing.assert_array_equal(got["teacher_hidden"][layer], h)
+                    np.testing.assert_array_equal(got["teacher_attentions"][1], want["teacher_attentions"][1])
+            except CorruptShardError:
+                caught += 1
+            f.write_bytes(data)
+    assert caught > len(files)  # most of a shard is data: most flips must be caught

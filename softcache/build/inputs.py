@@ -305,3 +305,45 @@ class Sequences:
         if self.pack:
             return f"sequence {i} (packed tokens {self.starts[i]}..{self.starts[i] + self.lengths[i]})"
         return f"sequence {i} (dataset row {self.rows[i]})"
+
+
+class MaskedCopies:
+    """``--objective mlm``: ``copies`` differently-masked copies of each sequence of ``seqs``, in order (sequence
+    ``n`` is copy ``n % copies`` of ``seqs[n // copies]``), masked by ``extra`` (an
+    :class:`~softcache.extras.MLMLabels`) seeded per (seed, sequence, copy). ``self[n]``: the corrupted ids (what the
+    teacher sees and the cache stores); :meth:`labels`: the original ids where masked, −1 elsewhere."""
+
+    def __init__(self, seqs: Sequences, extra, tokenizer, vocab_size: int, seed: int) -> None:
+        if tokenizer.mask_token_id is None:
+            raise DataError("--objective mlm needs a tokenizer with a mask token (e.g. [MASK]); this one has none")
+        self.seqs, self.extra, self.copies, self.seed = seqs, extra, extra.copies, seed
+        self.mask_id, self.vocab = int(tokenizer.mask_token_id), min(int(vocab_size), len(tokenizer))
+        self.special = sorted(set(tokenizer.all_special_ids))
+        self.lengths = np.repeat(seqs.lengths, self.copies)
+        self._last: tuple[int, tuple] | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def _masked(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._last is None or self._last[0] != n:
+            i, copy = divmod(int(n), self.copies)
+            self._last = (n, self.extra.corrupt(self.seqs[i], mask_id=self.mask_id, vocab_size=self.vocab,
+                                                special_ids=self.special, seed=self.seed, index=i, copy=copy))
+        return self._last[1]
+
+    def __getitem__(self, n: int) -> np.ndarray:
+        return self._masked(n)[0]
+
+    def labels(self, n: int) -> np.ndarray:
+        return self._masked(n)[1]
+
+    def mask(self, n: int) -> None:
+        return None
+
+    def describe(self, n: int) -> str:
+        return f"copy {n % self.copies} of {self.seqs.describe(n // self.copies)}"

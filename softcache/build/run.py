@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import TeacherError
+from ..extras import MLMLabels
 from ..format import BuildState, Manifest
 from ..format.manifest import MAX_VOCAB
 from ..kinds import get_kind
@@ -29,9 +30,9 @@ from ..sparsify import Sparsifier
 from ..writer import CacheWriter, new_manifest
 from .distributed import check_out, merge_rank_caches, prepare_out, rank_path
 from .features import check_features, feature_size_note, features
-from .inputs import Sequences, load_rows, resolve_mask, tokenize
+from .inputs import MaskedCopies, Sequences, load_rows, resolve_mask, tokenize
 from .plan import BackgroundWriter, batches, rank_windows, windows
-from .teacher import TeacherHead, load_teacher, run_setup, teacher_identity
+from .teacher import MaskedLMHead, TeacherHead, load_teacher, run_setup, teacher_identity
 
 
 @dataclass
@@ -84,6 +85,9 @@ def build(
     hidden_dtype: str = "bf16",
     hidden_project: int | None = None,
     attentions: list[int] | None = None,
+    objective: str = "causal",
+    mlm_probability: float = 0.15,
+    mask_copies: int = 1,
     batch_tokens: int = 16384,
     dtype: str | None = None,
     device: str | None = None,
@@ -110,6 +114,7 @@ def build(
     new_manifest(MAX_VOCAB, k, targets, temps, samples, backend)
     mask = resolve_mask(mask, chat_template)
     check_features(hidden_states, hidden_dtype, hidden_project, attentions, max_length)
+    mlm = _check_objective(objective, mlm_probability, mask_copies, mask, chat_template)
     check_out(out)
     if not show:
         import datasets
@@ -117,10 +122,10 @@ def build(
         datasets.disable_progress_bars()
     rows = load_rows(data, split, limit)
 
-    model, tokenizer = load_teacher(teacher, revision, trust_remote_code, torch_dtype, dev, show)
+    model, tokenizer = load_teacher(teacher, revision, trust_remote_code, torch_dtype, dev, show, objective)
     hidden, attn = features(model, hidden_states, hidden_dtype, hidden_project, attentions, seed)
-    head = TeacherHead(model, Sparsifier(get_kind(targets), k, tuple(temps), samples, seed), hidden_states=hidden,
-                       attentions=attn)
+    head = (MaskedLMHead if mlm else TeacherHead)(model, Sparsifier(get_kind(targets), k, tuple(temps), samples, seed),
+                                                   hidden_states=hidden, attentions=attn)
     vocab = head.vocab_size
     if len(tokenizer) > vocab:
         raise TeacherError(
@@ -131,12 +136,15 @@ def build(
         raise ValueError(f"--k {k} is larger than the teacher's vocabulary ({vocab}); use --k ≤ {vocab}")
 
     docs = tokenize(rows, data, tokenizer, field, chat_template, vocab, show, mask)
-    seqs = Sequences(docs, max_length, pack, tokenizer.eos_token_id)
+    seqs = Sequences(docs, max_length, pack, tokenizer.eos_token_id if not mlm else tokenizer.sep_token_id)
+    if mlm:
+        seqs = MaskedCopies(seqs, mlm, tokenizer, vocab, seed)
+        head.labels = seqs.labels
     head.check_against_full_forward(torch.from_numpy(seqs[0][:16].astype("int64"))[None])
 
     settings = dict(vocab_size=vocab, k=k, targets=targets, temperatures=temps, samples=samples, backend=backend,
                     shard_tokens=shard_tokens, batch_tokens=min(4096, max(1, shard_tokens // 4)), seed=seed,
-                    loss_mask=mask != "all", extras=[e for e in (hidden, attn) if e is not None])
+                    loss_mask=mask != "all", extras=[e for e in (hidden, attn, mlm) if e is not None])
     identity, described = teacher_identity(teacher, revision, model, tokenizer, torch_dtype, command)
     build_id = {
         **identity,
@@ -148,7 +156,7 @@ def build(
     }
     if mask != "all":  # (a key only when masked: builds without a mask keep the identity they always had)
         build_id["mask"] = mask
-    for extra in (hidden, attn):  # (likewise)
+    for extra in (hidden, attn, mlm):  # (likewise)
         if extra is not None:
             build_id[extra.name] = extra.settings()
     if (hidden or attn) and not quiet and dist.rank == 0:
@@ -180,6 +188,22 @@ def build(
             writer.save_manifest()
     final = merge_rank_caches(out, settings, dist) if dist.world > 1 else writer.manifest
     return _finish(result, final, t0)
+
+
+def _check_objective(objective: str, probability: float, copies: int, mask: str, chat_template: bool):
+    """``--objective``: None for causal LMs, the configured :class:`~softcache.extras.MLMLabels` for ``mlm``."""
+    if objective not in ("causal", "mlm"):
+        raise ValueError(f"--objective must be causal or mlm, got {objective!r}")
+    if objective == "causal":
+        if probability != 0.15 or copies != 1:
+            raise ValueError("--mlm-probability and --mask-copies need --objective mlm")
+        return None
+    if mask != "all" or chat_template:
+        raise ValueError("--objective mlm trains the masked tokens: it takes no --mask or --chat-template")
+    try:
+        return MLMLabels(probability, copies)
+    except ValueError as e:
+        raise ValueError(f"--mlm-probability / --mask-copies: {e}") from None
 
 
 def _run(head, seqs, wins, resume_at, writer, batch_tokens, skip_bad, show) -> int:

@@ -20,6 +20,7 @@ from .._version import __version__
 from ..errors import TeacherError
 from ..extras import Attentions, HiddenStates
 from ..identity import config_hash, vocab_fingerprint
+from ..kinds import TopK
 from ..sparsify import Sparsifier
 from .distributed import Dist
 from .gguf import find_gguf, load_gguf
@@ -46,9 +47,10 @@ def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
 
 
 def load_teacher(path: str, revision: str | None, trust_remote_code: bool, dtype: torch.dtype, device: str,
-                 progress: bool = False):
-    """→ (model, tokenizer); ``device == "map"`` spreads the model over the GPUs with ``device_map="auto"``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                 progress: bool = False, objective: str = "causal"):
+    """→ (model, tokenizer); ``device == "map"`` spreads the model over the GPUs with ``device_map="auto"``.
+    ``objective="mlm"``: a masked LM (``AutoModelForMaskedLM``)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not progress:
@@ -61,7 +63,9 @@ def load_teacher(path: str, revision: str | None, trust_remote_code: bool, dtype
         if importlib.util.find_spec("accelerate") is None:
             raise TeacherError("--device map spreads the teacher with device_map='auto', which needs accelerate: "
                                "pip install accelerate")
-    if (gguf_file := find_gguf(path)) is not None:  # a llama.cpp GGUF file, de-quantised to dtype
+    if objective == "mlm":
+        AutoModelForCausalLM = AutoModelForMaskedLM  # noqa: N806 - the same loading, another head
+    if objective == "causal" and (gguf_file := find_gguf(path)) is not None:  # llama.cpp GGUF, de-quantised to dtype
         model, tokenizer = load_gguf(gguf_file, dtype, device)
         model.eval()
         return model, tokenizer
@@ -73,9 +77,9 @@ def load_teacher(path: str, revision: str | None, trust_remote_code: bool, dtype
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
     except (OSError, ValueError) as e:
         raise TeacherError(
-            f"--teacher {path}: cannot load a causal LM and its tokenizer ({type(e).__name__}: {e}). Give a local "
-            "folder written by save_pretrained (config.json, weights, tokenizer files); custom code needs "
-            "--trust-remote-code"
+            f"--teacher {path}: cannot load a {'masked' if objective == 'mlm' else 'causal'} LM and its tokenizer "
+            f"({type(e).__name__}: {e}). Give a local folder written by save_pretrained (config.json, weights, "
+            "tokenizer files); custom code needs --trust-remote-code"
         ) from None
     model.eval()
     return model, tokenizer
@@ -250,4 +254,96 @@ class TeacherHead:
             s = slice(end - lengths[b], end)
             features = self._sequence_features(b, lengths[b]) or None
             out.append((ids[s], vals[s], None if norms is None else norms[s], features))
+        return out, [b for b in range(len(lengths)) if bad[b]]
+
+
+@dataclass
+class MaskedLMHead(TeacherHead):
+    """A masked LM's targets (``softcache build --objective mlm``): the full model runs over the corrupted ids (an MLM
+    head transforms the hidden states before its output layer, so there is no body/output-layer split) and its
+    logits at the masked positions, in row chunks, go through the same :class:`~softcache.sparsify.Sparsifier`.
+    Targets are not shifted: position ``t`` holds the distribution of token ``t``; positions that were not masked
+    store none. ``labels(i)``: the labels of sequence ``i`` (original id where masked, −1 elsewhere)."""
+
+    labels: object = None
+
+    def __post_init__(self) -> None:
+        m = self.model
+        self.head = m.get_output_embeddings()
+        if self.head is None:
+            raise TeacherError(f"{type(m).__name__} has no output layer (get_output_embeddings)")
+        self.vocab_size = int(self.head.weight.shape[0])
+        self.input_device = next(m.parameters()).device
+        self.projection = None
+        if self.hidden_states is not None and self.hidden_states.projection is not None:
+            p = self.hidden_states.projection
+            self.projection = torch.from_numpy(HiddenStates.projection_matrix(p["seed"], p["from"],
+                                                                              self.hidden_states.width))
+        self._features = {}
+
+    def check_against_full_forward(self, input_ids: torch.Tensor) -> None:
+        """Nothing to check: the targets come from the model's own logits."""
+
+    def hidden(self, input_ids, attention_mask, features: bool = False) -> torch.Tensor:
+        """The model's logits (B, L, V) (and its features, kept as :meth:`TeacherHead.hidden` keeps them)."""
+        want_h, want_a = features and self.hidden_states is not None, features and self.attentions is not None
+        out = self.model(input_ids=input_ids.to(self.input_device), attention_mask=attention_mask.to(self.input_device),
+                         output_hidden_states=want_h, output_attentions=want_a)
+        self._features = {}
+        if want_h:
+            self._features["hidden_states"] = {layer: out.hidden_states[layer] for layer in self.hidden_states.layers}
+        if want_a:
+            self._features["attentions"] = {layer: out.attentions[layer] for layer in self.attentions.layers}
+        return out.logits
+
+    @torch.inference_mode()
+    def batch_targets(self, input_ids: torch.Tensor, lengths: list[int], seq_index: list[int]):
+        """As :meth:`TeacherHead.batch_targets`, with targets only at the masked positions and the labels among
+        the extras."""
+        lengths_t = torch.tensor(lengths)
+        mask = (torch.arange(input_ids.shape[1])[None] < lengths_t[:, None]).long()
+        logits = self.hidden(input_ids, mask, features=True)
+        labels = [np.asarray(self.labels(i), np.int64) for i in seq_index]
+        chosen = torch.zeros(mask.shape, dtype=torch.bool)
+        for b, lab in enumerate(labels):
+            chosen[b, : lengths[b]] = torch.from_numpy(lab >= 0)
+        rows = logits[chosen.to(logits.device)]  # (M, V) masked positions, sequence after sequence
+        counts = chosen.sum(1)
+        owner = torch.repeat_interleave(torch.arange(len(lengths)), counts)
+        uniforms = self.sparsifier.uniforms(lengths, seq_index, rows.device)
+        flat = chosen[mask.bool()]  # masked among the valid positions (the rows of ``uniforms``)
+        if uniforms is not None:
+            uniforms = uniforms[flat.to(uniforms.device)]
+        step = max(1, self.chunk_elements // self.vocab_size)
+        ids, vals, norms, bad = [], [], [], torch.zeros(len(lengths), dtype=torch.bool)
+        for a in range(0, rows.shape[0], step):
+            u = None if uniforms is None else uniforms[a : a + step]
+            i, v, n, broken = self.sparsifier.rows(rows[a : a + step].float(), u)
+            bad[owner[a : a + step][broken.cpu()]] = True
+            ids.append(i.cpu())
+            vals.append(v.cpu())
+            if n is not None:
+                norms.append(n.cpu())
+        out = []
+        flat = flat.numpy()
+        ends = np.cumsum(lengths)
+        width, topk = self.sparsifier.k, isinstance(self.sparsifier.kind, TopK)
+        all_ids = torch.cat(ids).numpy() if ids else np.zeros((0, width), np.int32)
+        all_vals = torch.cat(vals).numpy() if vals else np.zeros((0, width), np.float32 if topk else np.int32)
+        all_norms = torch.cat(norms).double().numpy() if norms else np.zeros((0, len(self.sparsifier.temperatures)))
+        at = np.cumsum(flat) - 1  # row of each masked position among the computed rows
+        for b, end in enumerate(ends):
+            s = slice(end - lengths[b], end)
+            sel, rows_b = flat[s], at[s][flat[s]]
+            t_ids = np.full((lengths[b], width), -1, np.int32)
+            t_vals = np.zeros((lengths[b], width), all_vals.dtype)
+            t_ids[sel, : all_ids.shape[1]] = all_ids[rows_b]
+            t_vals[sel, : all_vals.shape[1]] = all_vals[rows_b]
+            t_norm = None
+            if topk:  # every position gets normalisers (0 where nothing is stored), as the writer's other sequences
+                t_norm = np.zeros((lengths[b], all_norms.shape[1]), np.float64)
+                t_norm[sel] = all_norms[rows_b]
+            features = self._sequence_features(b, lengths[b])
+            features["mlm_labels"] = labels[b]
+            out.append((t_ids, t_vals, t_norm, features))
         return out, [b for b in range(len(lengths)) if bad[b]]

@@ -4,7 +4,9 @@ An *item* is one sequence as a training loop wants it: ``input_ids``, ``attentio
 (= ``input_ids``, the Hugging Face convention: the model or trainer shifts; −100 at tokens a cache's loss mask
 does not train) and ``target_ids`` /
 ``target_logprobs`` at the dataset's temperature. Position ``t`` of the targets is the teacher's distribution
-of token ``t+1``, i.e. what the student's logits at ``t`` predict, exactly as stored in the cache.
+of token ``t+1``, i.e. what the student's logits at ``t`` predict, exactly as stored in the cache. A masked-LM cache
+(``--objective mlm``, :attr:`CacheSource.causal` False) gives the corrupted ``input_ids``, ``labels`` = the original
+token at the masked positions (−100 elsewhere) and targets of token ``t`` at position ``t``, none shifted.
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ class CacheSource:
         return {**self.__dict__, "_cache": None}
 
     @property
+    def causal(self) -> bool:
+        """False for a masked-LM cache (``--objective mlm``): its labels and targets are not shifted."""
+        return not any(extra.name == "mlm_labels" for extra in self.cache.extras)
+
+    @property
     def temperature(self) -> float:
         return self.tempering.temperature
 
@@ -139,6 +146,8 @@ class CacheSource:
         labels = input_ids.copy()
         if "loss_mask" in decoded:  # untrained tokens: −100, so the soft and the hard term both skip them
             labels[~decoded["loss_mask"][a:b]] = -100
+        if "mlm_labels" in decoded:  # masked LM: the original token where masked, −100 elsewhere (not shifted)
+            labels = np.where(decoded["mlm_labels"][a:b] >= 0, decoded["mlm_labels"][a:b], -100)
         item = {
             "input_ids": input_ids,
             "attention_mask": np.ones_like(input_ids),
@@ -147,7 +156,7 @@ class CacheSource:
             "target_logprobs": self.tempering(target_ids, decoded["target_logprobs"][a:b], decoded["lognorm"][a:b]),
         }
         for extra in self.cache.extras:
-            if extra.name != "loss_mask":  # features (copies: the decoded batch is shared by later reads)
+            if extra.name not in ("loss_mask", "mlm_labels"):  # features (copies: the decoded batch is shared)
                 for key, value in extra.item(decoded, j, a, b).items():
                     item[key] = {layer: array.copy() for layer, array in value.items()}
         return item

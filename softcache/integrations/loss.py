@@ -5,6 +5,8 @@ unshifted; optional) and ``target_ids`` / ``target_logprobs`` at the loss temper
 teacher's distribution of token t + 1. The labels are shifted here to the token each position predicts, so the
 last position and ignored tokens do not count. A row (position) counts when its shifted label is not
 ``ignore_index`` (if the batch has labels) and it has at least one target id: :meth:`DistillationLoss.count`.
+Masked-LM caches (``softcache build --objective mlm``) are the exception: their labels and targets are aligned with the
+input positions, so ``causal=False`` (chosen by :meth:`DistillationLoss.for_datasets`) shifts nothing.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class DistillationLoss:
             layers than it uses. Default: every stored layer with the student's layer of the same index.
         projection: a module mapping student hidden states to the teacher's width (TinyBERT's ``W_h``) when they
             differ; it must be trained with the student (attach it to the model, which the trainers do).
+        causal: False for masked-LM caches (``--objective mlm``): labels and targets are aligned with the input
+            positions and not shifted, and the loss uses the model's logits (an MLM head is not fusable).
+            :meth:`for_datasets` sets it from the datasets.
     Under gradient accumulation the feature terms of each micro-batch are weighted by its share of the counted rows,
     as the KD term is, so an accumulated step weighs them as one large batch would (exactly when every position
     counts).
@@ -84,10 +89,13 @@ class DistillationLoss:
     hidden_kind: str = "mse"
     layer_map: dict | None = None
     projection: torch.nn.Module | None = None
+    causal: bool = True
 
     def __post_init__(self):
         if self.fused not in (True, False, "auto"):
             raise ValueError(f"fused must be True, False or 'auto', got {self.fused!r}")
+        if not self.causal and self.fused is True:
+            raise ValueError("fused=True is for causal LMs; a masked LM (causal=False) trains on its logits")
 
     @classmethod
     def for_datasets(cls, model, datasets, *, temperature=None, vocab_size=None, tokenizer=None,
@@ -98,7 +106,8 @@ class DistillationLoss:
         ValueError, and so are datasets at different temperatures; without either it is 1.0. Datasets with
         ``check_student`` (SoftTargetDataset, the ``softcache.to_hf_dataset`` decoder) check ``model``'s vocabulary;
         a student padded larger gets ``vocab_size`` = the cache's, so its extra logits are left out. ``vocab_size``
-        given: the cache's size, for datasets that cannot tell it; it must agree with theirs. ``tokenizer`` given (the
+        given: the cache's size, for datasets that cannot tell it; it must agree with theirs. ``causal`` comes from the
+        datasets (False for masked-LM caches); given, it must agree with theirs. ``tokenizer`` given (the
         student's): its vocabulary fingerprint must be the one the cache recorded (a different tokenizer maps the same
         ids to other tokens): ValueError otherwise.
         """
@@ -116,6 +125,17 @@ class DistillationLoss:
                 f"them, so build it with SoftTargetDataset(..., temperature={temperature}) or leave temperature unset"
             )
         temperature = float(temperature if temperature is not None else own if own is not None else 1.0)
+        kinds = {bool(ds.causal) for ds in datasets if getattr(ds, "causal", None) is not None}
+        if len(kinds) > 1:
+            raise ValueError("the datasets mix causal and masked-LM (--objective mlm) caches; train on one kind")
+        if kinds:
+            own_causal = kinds.pop()
+            if options.get("causal", own_causal) != own_causal:
+                raise ValueError(
+                    f"causal={options['causal']} but the dataset's cache is "
+                    f"{'a causal LM cache' if own_causal else 'a masked-LM cache (--objective mlm)'}; leave it unset"
+                )
+            options["causal"] = own_causal
         for ds in datasets:
             if callable(getattr(ds, "check_student", None)):
                 extra = ds.check_student(model, tokenizer=tokenizer)
@@ -128,9 +148,11 @@ class DistillationLoss:
         return cls(temperature=temperature, vocab_size=vocab_size, **options)
 
     def shifted_labels(self, batch) -> torch.Tensor | None:
-        """The label each position predicts (labels[t + 1]), or None when the batch has no labels."""
+        """The label each position predicts (labels[t + 1]; labels[t] when not causal), or None without labels."""
         labels = batch.get("labels")
-        return None if labels is None else shift_labels(labels, self.ignore_index)
+        if labels is None or not self.causal:
+            return labels
+        return shift_labels(labels, self.ignore_index)
 
     def count(self, batch) -> torch.Tensor:
         """How many rows of ``batch`` count in the loss (an int64 scalar tensor on the batch's device)."""
@@ -154,7 +176,7 @@ class DistillationLoss:
             ``hard_loss`` (cross-entropy) with the same denominator, so that ``loss = alpha * soft + (1 - alpha) *
             hard``, only when 0 < alpha < 1 (costs one more gradient-free loss pass); the model's outputs.
         """
-        fused = supports_fused(model) if self.fused == "auto" else self.fused
+        fused = self.causal and (supports_fused(model) if self.fused == "auto" else self.fused)
         labels = self.shifted_labels(batch)
         options = dict(temperature=self.temperature, kind=self.kind, tail=self.tail, beta=self.beta, labels=labels,
                        ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch)  # fmt: skip

@@ -18,6 +18,7 @@ COMMANDS = {
     "ddp_torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "examples/ddp_torchrun.py"],
     "self_distillation": [sys.executable, "examples/self_distillation.py"],
     "feature_distillation": [sys.executable, "examples/feature_distillation.py"],
+    "distilbert": [sys.executable, "examples/distilbert.py"],
 }
 EXPECT = {
     "plain_pytorch": r"step 3 loss \d+\.\d+",
@@ -26,6 +27,7 @@ EXPECT = {
     "ddp_torchrun": r"step 3 loss \d+\.\d+ \(\d+ rows on 2 ranks\)[\s\S]*ranks hold identical weights after 3 steps",
     "self_distillation": r"generation 2, step 3: loss \d+\.\d+ offline, \d+\.\d+ online[\s\S]*offline and online",
     "feature_distillation": r"after 3 steps: loss \d+\.\d+ → \d+\.\d+, hidden \d+\.\d+ → \d+\.\d+, attention",
+    "distilbert": r"after 3 steps: loss [\d.]+ → [\d.]+, soft KL \(T=2\) [\d.]+ → [\d.]+, MLM [\d.]+ → [\d.]+, cosine",
 }
 
 
