@@ -63,6 +63,7 @@ from ._common import (
     row_scale,
 )
 from .sparse_kl_torch import sparse_kl_forward_torch
+from .vocab_parallel import VocabParallelParams, VocabParallelSparseKLFunction, check_supported, shard_layout
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,9 @@ def sparse_kl_loss(
     check_ids: bool = True,
     check_inputs: bool = True,
     inplace_grad: bool = False,
+    process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Distillation loss between student ``logits`` (..., V) and sparse teacher targets (..., K).
 
@@ -250,6 +254,15 @@ def sparse_kl_loss(
             alone; the matmul's backward needs h and the weight, not its output). The values of ``logits``
             are destroyed; autograd raises if another op saved them for backward. Non-contiguous logits are
             copied first, which voids the saving.
+        process_group: a ``torch.distributed`` group over which the student's logits are sharded by vocabulary
+            (Megatron-style tensor parallelism; see ``vocab_parallel.py``). ``logits`` (..., V_local) is then this
+            rank's contiguous column slice; target ids and labels are global and the same on every rank. The loss
+            (the same on every rank) and the gradient of the local logits equal those of the unsharded loss, with
+            two all-reduces per call and none in backward. Torch backend only (``backend='triton'`` raises), and
+            only tail='bucket' (any kind) or tail='renormalize' (forward_kl); other tails raise NotImplementedError.
+        vocab_start, vocab_size: the slice this rank holds is [vocab_start, vocab_start + V_local) of a vocabulary
+            of vocab_size. Default: equal slices in rank order (rank r starts at r * V_local, V = world * V_local).
+            Uneven slices pass both. Only with ``process_group``.
 
     Returns:
         float32 scalar (or per-row float32 for reduction='none'). Gradient flows to ``logits`` only.
@@ -263,6 +276,15 @@ def sparse_kl_loss(
     )  # fmt: skip
     lead = logits.shape[:-1]
     logits2d, ids2d, lp2d, labels1d = flatten_inputs(logits, target_ids, target_logprobs, labels)
+    if process_group is not None:
+        out = _vocab_parallel_loss(
+            logits2d, ids2d, lp2d, labels1d, cfg, kind=kind, tail=tail, reduction=reduction, backend=backend,
+            num_items_in_batch=num_items_in_batch, check_ids=check_ids, check_inputs=check_inputs,
+            inplace_grad=inplace_grad, process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
+        )  # fmt: skip
+        return out.reshape(lead) if reduction == "none" else out
+    if vocab_start is not None or vocab_size is not None:
+        raise ValueError("vocab_start and vocab_size describe a vocab-parallel shard; they need process_group")
     params = SparseKLParams(
         config=cfg, reduction=reduction, use_triton=use_triton_for(backend, logits.device),
         check_ids=bool(check_ids), check_inputs=bool(check_inputs), inplace_grad=bool(inplace_grad),
@@ -271,6 +293,27 @@ def sparse_kl_loss(
     scale = row_scale(reduction, counted_rows(vocab, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
     out = SparseKLFunction.apply(logits2d, ids2d, lp2d.detach(), labels1d, scale, params)
     return out.reshape(lead) if reduction == "none" else out
+
+
+def _vocab_parallel_loss(logits2d, ids2d, lp2d, labels1d, cfg, *, kind, tail, reduction, backend,
+                         num_items_in_batch, check_ids, check_inputs, inplace_grad, process_group, vocab_start,
+                         vocab_size):  # fmt: skip
+    """:func:`sparse_kl_loss` with ``process_group``: the vocab-parallel torch path (``vocab_parallel.py``)."""
+    if backend == "triton":
+        raise NotImplementedError(
+            "sparse_kl_loss(process_group=...) runs on the torch backend only; the vocab-parallel Triton path is "
+            "for a GPU session (issue 17) and is not built yet: pass backend='torch' or 'auto'"
+        )
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_supported(kind, tail)
+    start, total = shard_layout(logits2d.shape[1], process_group, vocab_start, vocab_size)
+    params = VocabParallelParams(
+        config=cfg, reduction=reduction, use_triton=False, vocab_start=start, vocab_size=total,
+        check_ids=bool(check_ids), check_inputs=bool(check_inputs), inplace_grad=bool(inplace_grad),
+    )  # fmt: skip
+    scale = row_scale(reduction, counted_rows(total, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
+    return VocabParallelSparseKLFunction.apply(logits2d, ids2d, lp2d.detach(), labels1d, scale, params, process_group)
 
 
 class SparseKLLoss(nn.Module):
