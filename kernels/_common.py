@@ -208,6 +208,16 @@ def check_targets(
     )
 
 
+def keep_grad_and_reduce(ctx, losses: torch.Tensor, grad: torch.Tensor | None, scale: torch.Tensor, reduction: str):
+    """The end of a loss Function's forward: keep the gradient it computed (``grad``, or None) for backward, which
+    only scales it; → the per-row ``losses`` (reduction='none') or their sum times ``scale`` as a scalar."""
+    if grad is not None:
+        ctx.save_for_backward(grad)
+    if reduction == "none":
+        return losses
+    return (losses.sum() * scale).reshape(())
+
+
 def counted_rows(
     vocab: int, target_ids: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
 ) -> torch.Tensor:

@@ -59,6 +59,7 @@ from ._common import (
     check_targets,
     counted_rows,
     flatten_inputs,
+    keep_grad_and_reduce,
     make_config,
     row_scale,
 )
@@ -188,12 +189,8 @@ class SparseKLFunction(torch.autograd.Function):
                 logits, target_ids, target_logprobs, labels, scale, *scalars, compute_grad, params.use_triton,
                 params.check_ids, params.check_inputs,
             )  # fmt: skip
-        if compute_grad:
-            ctx.save_for_backward(grad)
         ctx.use_triton = params.use_triton
-        if params.reduction == "none":
-            return losses
-        return (losses.sum() * scale).reshape(())
+        return keep_grad_and_reduce(ctx, losses, grad if compute_grad else None, scale, params.reduction)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._common import TAILS, LossConfig, LossParams, check_targets
+from ._common import TAILS, LossConfig, LossParams, check_targets, keep_grad_and_reduce
 from .sparse_kl_torch import CHUNK_ELEMENTS, row_terms
 
 SUPPORTED = "tail='bucket' (any kind) or tail='renormalize' (kind='forward_kl')"
@@ -205,11 +205,7 @@ class VocabParallelSparseKLFunction(torch.autograd.Function):
             logits, target_ids, target_logprobs, labels, scale, params.config, grad, params.vocab_start,
             params.vocab_size, group,
         )  # fmt: skip
-        if compute_grad:
-            ctx.save_for_backward(grad)
-        if params.reduction == "none":
-            return losses
-        return (losses.sum() * scale).reshape(())
+        return keep_grad_and_reduce(ctx, losses, grad, scale, params.reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
