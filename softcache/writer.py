@@ -167,13 +167,14 @@ class CacheWriter:
             raise ValueError("extras= are given for one sequence: write batched sequences one at a time")
         for seq_ids, seq_logits, seq_mask in zip(ids, rows, masks, strict=True):
             index = self.num_sequences + len(self._pending)
+            stored = self._check_extras(len(seq_ids), seq_mask, extras)  # before the teacher's rows are worked on
             t_ids, values, lognorm, broken = self.sparsifier.sequence(seq_logits, index, self.chunk_elements)
             if broken.any():
                 raise ValueError(
                     f"sequence {index}, position {int(np.flatnonzero(broken)[0])}: teacher logits are NaN, +inf or "
                     "all -inf; check the teacher's dtype (fp16 overflow) and inputs"
                 )
-            self._add(seq_ids, t_ids, values, lognorm, seq_mask, extras)
+            self._add(seq_ids, t_ids, values, lognorm, stored)
 
     def write_targets(
         self, input_ids, target_ids, target_logprobs=None, lognorm=None, counts=None, loss_mask=None, extras=None
@@ -202,7 +203,7 @@ class CacheWriter:
             raise ValueError(f"target_ids must lie in [-1, vocab_size={vocab_size}); -1 marks padding")
         _check_unique(target_ids)
         values, lognorm = self.kind.check_targets(target_ids, values, lognorm, self.settings)
-        self._add(input_ids, target_ids, values, lognorm, loss_mask, extras)
+        self._add(input_ids, target_ids, values, lognorm, self._check_extras(length, loss_mask, extras))
 
     # -- buffering, encoding, commits ------------------------------------------------------------
 
@@ -211,8 +212,8 @@ class CacheWriter:
         """Sequences committed or buffered so far (the index the next sequence will have, minus buffered)."""
         return self.manifest.num_sequences + self._shard_stats[0]
 
-    def _add(self, input_ids, target_ids, values, lognorm, loss_mask=None, extras=None) -> None:
-        stored = self._check_extras(len(input_ids), loss_mask, extras)
+    def _add(self, input_ids, target_ids, values, lognorm, stored: dict) -> None:
+        """Buffer one checked sequence; ``stored``: its extras as :meth:`_check_extras` returned them."""
         drop = None
         if "loss_mask" in stored:
             drop = ~LossMask.targets_stored(stored["loss_mask"])
