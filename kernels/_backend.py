@@ -35,6 +35,15 @@ def fused_linear_triton():
     return module
 
 
+def vocab_parallel_triton():
+    """The ``vocab_parallel_triton`` module, or None when triton does not import here."""
+    if not sparse_kl_triton():
+        return None
+    from . import vocab_parallel_triton as module
+
+    return module
+
+
 def triton_available() -> bool:
     """True when triton imports (Linux with a working triton; on CPU it also needs TRITON_INTERPRET=1)."""
     return bool(sparse_kl_triton())

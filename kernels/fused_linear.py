@@ -11,8 +11,10 @@ From these few numbers per row the loss follows, and so do per-row coefficients 
 
     dZ_j = c_s softmax(z / T)_j + c_z softmax(z)_j + sum_k coef_k 1(j = id_k)   (+ coef_label 1(j = label)),
 
-so that dH = dZ W, dW = dZ^T H and db = sum_rows dZ. The Triton backend (``fused_linear_triton.py``) computes
-the first list in one tiled pass over ``H W^T`` (online log-sum-exp, Cut Cross-Entropy style), and in backward
+where with tail='bucket' c_s at a target id is replaced (selected, never corrected by a difference) by that
+slot's own coefficient cin_k (``RowTerms``: -(A_in - b (1 - c_k)) times the soft scale). Then dH = dZ W,
+dW = dZ^T H and db = sum_rows dZ. The Triton backend (``fused_linear_triton.py``) computes the first list in one
+tiled pass over ``H W^T`` (online log-sum-exp, Cut Cross-Entropy style), and in backward
 recomputes each tile, forms dZ and consumes it at once into dH, dW and db with fp32 accumulation. Memory beyond
 the inputs and their gradients: O(N K) for the per-row state, an fp32 (N, H) accumulator for dH and an fp32 slice
 of dW (``SLICE_ELEMENTS``); no (N, V) buffer. Time: the forward matmul, then in backward the recompute plus the
@@ -40,6 +42,7 @@ from ._backend import fused_linear_triton, use_triton_for
 from ._common import LossConfig, LossParams, check_targets, counted_rows, flatten_inputs, make_config, row_scale
 from .fused_linear_torch import fused_linear_torch
 from .sparse_kl_torch import row_terms
+from .vocab_parallel import VocabParallelFusedLinearFunction, VocabParallelParams, check_fused_backend, shard_layout
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,21 @@ def _extended_ids(target_ids, labels, vocab, cfg):
     return ids.to(torch.int32).contiguous()
 
 
+def _slot_counts(ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(N, K) float c_k: how many valid slots of the row hold id_k (1 without duplicates; O(N K log K))."""
+    key = torch.where(valid, ids, torch.full_like(ids, -1))
+    srt = key.sort(-1).values
+    return (torch.searchsorted(srt, key, right=True) - torch.searchsorted(srt, key)).float()
+
+
 def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab, scale, cfg, q_tail=None):
-    """Per-row losses (N,) and the gradient coefficients: coef (N, K [+1]) at the extended ids and row (7, N) =
+    """Per-row losses (N,) and the gradient coefficients: coef (N, K [+1]) at the extended ids, row (7, N) =
     (max_s, logsum_s, c_s, max_z, logsum_z, c_z, counted), where lse_* = (max, logsum) pairs from the forward kernel
     (logsumexp = max + logsum, kept apart for accuracy) and max = +inf on rows that do not count (their dense
-    gradient is then exactly 0; backward reads their hidden states as 0). When the loss needs no log-normaliser
-    (tail='restrict' without CE), ``lse_s`` is still given: NaN log-sums mark rows with a NaN or +inf logit."""
+    gradient is then exactly 0; backward reads their hidden states as 0), and cin (N, K), the coefficient of
+    softmax(z / T) that replaces c_s at each target id (tail='bucket'; None for the other tails, where the two
+    agree). When the loss needs no log-normaliser (tail='restrict' without CE), ``lse_s`` is still given: NaN
+    log-sums mark rows with a NaN or +inf logit."""
     need_s, need_z, shared = _plan(cfg)
     k = target_ids.shape[1]
     ids = target_ids.long()
@@ -83,7 +95,8 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
     inv_t = 1.0 / cfg.temperature
     s_k = zg[:, :k] * inv_t
     lq_k = (s_k - lse_s[0][:, None]) - lse_s[1][:, None] if need_s else None
-    d, big_a, a = row_terms(s_k, lq_k, target_logprobs.float(), valid, cfg, q_tail)
+    terms = row_terms(s_k, lq_k, target_logprobs.float(), valid, cfg, q_tail)
+    d, a = terms.d, terms.a
     if not need_s and not need_z:  # no log-normaliser carries a NaN or +inf logit into the row: add it
         poison = torch.where(torch.isnan(lse_s[1]), float("nan"), 0.0)
         d, a = d + poison, a + poison[:, None]
@@ -91,7 +104,11 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
     row = cfg.soft_weight * d
     soft = torch.where(counted, scale * (cfg.soft_weight * inv_t), zero)
     coef = torch.where(valid & counted[:, None], a * soft[:, None], torch.zeros_like(a))  # 0, not 0 * nan
-    c_s = -big_a * soft if need_s else zero
+    c_s = -terms.big_a * soft if need_s else zero
+    cin = None
+    if cfg.tail == 0:  # the support's own coefficient, formed before it meets softmax(z / T): nothing cancels
+        outside = 1.0 - _slot_counts(ids, valid)
+        cin = -(terms.big_a_in[:, None] - terms.b[:, None] * outside) * soft[:, None]
     c_z = zero
     if cfg.has_ce:
         lab = labels.long()
@@ -102,6 +119,7 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
         coef = torch.cat([coef, -ce_c[:, None]], dim=1)
         if shared:
             c_s = c_s + ce_c
+            cin = cin + ce_c[:, None] if cin is not None else None
         else:
             c_z = ce_c
     inf = torch.full_like(d, float("inf"))
@@ -109,7 +127,9 @@ def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, voc
     m_z, l_z = (torch.where(counted, lse_z[0], inf), torch.where(counted, lse_z[1], zero)) if need_z else (inf, zero)
     losses = torch.where(counted, row, zero)
     stacked = torch.stack([m_s, l_s, c_s, m_z, l_z, c_z, counted.to(d.dtype)])
-    return losses, coef.contiguous(), stacked.contiguous()
+    if cin is not None:
+        cin = torch.where(valid & counted[:, None], cin, torch.zeros_like(cin)).contiguous()
+    return losses, coef.contiguous(), stacked.contiguous(), cin
 
 
 class FusedLinearSparseKLFunction(torch.autograd.Function):
@@ -132,11 +152,11 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
                 hidden, weight, bias, ids_ext, 1.0 / cfg.temperature, need_s or not need_z, need_z,
                 target_ids.shape[1] if cfg.tail == 0 else None,
             )  # fmt: skip
-            losses, coef, row = _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab,
-                                                  scale, cfg, q_tail)  # fmt: skip
+            losses, coef, row, cin = _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels,
+                                                       vocab, scale, cfg, q_tail)  # fmt: skip
             ctx.mode = "triton"
             if any_grad:
-                ctx.save_for_backward(hidden, weight, bias, ids_ext, coef, row)
+                ctx.save_for_backward(hidden, weight, bias, ids_ext, coef, row, cin)
         elif any_grad and reduction != "none":
             losses, ctx.grads = fused_linear_torch(hidden, weight, bias, target_ids, target_logprobs, labels, scale,
                                                    cfg, needs)  # fmt: skip
@@ -162,16 +182,18 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
             _, grads = fused_linear_torch(hidden, weight, bias, target_ids, target_logprobs, labels, scale * go,
                                           ctx.params.config, ctx.needs)  # fmt: skip
         else:
-            hidden, weight, bias, ids_ext, coef, row = ctx.saved_tensors
+            hidden, weight, bias, ids_ext, coef, row, cin = ctx.saved_tensors
             cfg = ctx.params.config
             need_s, need_z, _ = _plan(cfg)
             coef = coef * (go[:, None] if go.numel() > 1 else go)
+            if cin is not None:
+                cin = cin * (go[:, None] if go.numel() > 1 else go)
             row = row.clone()
             row[2] *= go  # the two dense coefficients; maxima and log-sums stay
             row[5] *= go
             grads = fused_linear_triton().fused_backward_triton(
                 hidden, weight, bias, ids_ext, coef, row, 1.0 / cfg.temperature, need_s, need_z, ctx.needs,
-                ctx.params.grad_skip_eps,
+                ctx.params.grad_skip_eps, cin,
             )  # fmt: skip
         return (*grads, None, None, None, None, None)
 
@@ -218,6 +240,10 @@ def fused_linear_sparse_kl_loss(
     check_ids: bool = True,
     check_inputs: bool = True,
     grad_skip_eps: float = 0.0,
+    process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> torch.Tensor:
     """``sparse_kl_loss(hidden @ weight.T + bias, target_ids, target_logprobs, ...)`` without the (N, V) logits.
 
@@ -234,6 +260,16 @@ def fused_linear_sparse_kl_loss(
             probabilities are all below this value and which holds no target id or label (the Cut Cross-Entropy
             filter; CCE uses eps(dtype) / 32, i.e. 2**-12 for bf16). Approximate: the dropped gradient is at most
             ``grad_skip_eps * tile size`` per row; 0 (default) computes every tile.
+        process_group: a ``torch.distributed`` group over which the output layer is sharded by vocabulary
+            (Megatron's column-parallel output layer; see ``vocab_parallel.py``): ``weight`` (V_local, H) and ``bias``
+            (V_local,) are this rank's rows, ``hidden`` is the same on every rank, target ids and labels are global.
+            The loss (the same on every rank) and the gradients of hidden and of the local weight and bias equal the
+            unsharded ones, with two all-reduces of O(N K) in forward and no (N, V) buffer; backward recomputes the
+            local logits chunk by chunk. Torch backend only; ``grad_skip_eps`` does not apply.
+        vocab_start, vocab_size: as for :func:`sparse_kl_loss` (default: equal slices in rank order).
+        reduce_hidden_grad: with ``process_group``, all-reduce the gradient of ``hidden`` over the group in backward
+            (each rank's slice gives a partial sum), so that it equals the unsharded one. Pass False when the layer
+            that produced ``hidden`` already all-reduces its gradient (Megatron's copy-to-tensor-parallel region).
 
     hidden, weight and bias must share one dtype (under ``torch.autocast`` they are cast to the autocast dtype)
     and one device. Gradients flow to hidden, weight and bias.
@@ -255,6 +291,16 @@ def fused_linear_sparse_kl_loss(
     lead = hidden.shape[:-1] if isinstance(hidden, torch.Tensor) else ()
     hidden2d, ids2d, lp2d, labels1d = flatten_inputs(hidden, target_ids, target_logprobs, labels, name="hidden")
     _check_head(hidden2d, weight, bias)
+    if process_group is not None:
+        out = _vocab_parallel_fused(
+            hidden2d, weight.contiguous(), bias, ids2d, lp2d, labels1d, cfg, reduction=reduction, backend=backend,
+            num_items_in_batch=num_items_in_batch, check_ids=check_ids, check_inputs=check_inputs,
+            process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
+            reduce_hidden_grad=reduce_hidden_grad,
+        )  # fmt: skip
+        return out.reshape(lead) if reduction == "none" else out
+    if vocab_start is not None or vocab_size is not None:
+        raise ValueError("vocab_start and vocab_size describe a vocab-parallel shard; they need process_group")
     params = FusedLinearParams(
         config=cfg, reduction=reduction, use_triton=use_triton_for(backend, hidden2d.device),
         grad_skip_eps=grad_skip_eps,
@@ -271,10 +317,27 @@ def fused_linear_sparse_kl_loss(
     return out.reshape(lead) if reduction == "none" else out
 
 
+def _vocab_parallel_fused(hidden2d, weight, bias, ids2d, lp2d, labels1d, cfg, *, reduction, backend,
+                          num_items_in_batch, check_ids, check_inputs, process_group, vocab_start, vocab_size,
+                          reduce_hidden_grad):  # fmt: skip
+    """:func:`fused_linear_sparse_kl_loss` with ``process_group`` (``vocab_parallel.py``)."""
+    check_fused_backend(backend)
+    start, total = shard_layout(weight.shape[0], process_group, vocab_start, vocab_size)
+    check_targets(total, ids2d, lp2d, labels1d, cfg.ignore_index, ids=check_ids, logprobs=check_inputs)
+    params = VocabParallelParams(
+        config=cfg, reduction=reduction, use_triton=False, vocab_start=start, vocab_size=total,
+        check_ids=bool(check_ids), check_inputs=bool(check_inputs), reduce_hidden_grad=bool(reduce_hidden_grad),
+    )  # fmt: skip
+    scale = row_scale(reduction, counted_rows(total, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
+    return VocabParallelFusedLinearFunction.apply(hidden2d, weight, bias, ids2d, lp2d.detach(), labels1d, scale,
+                                                  params, process_group)  # fmt: skip
+
+
 class FusedLinearSparseKLLoss(nn.Module):
     """Module form of :func:`fused_linear_sparse_kl_loss`; the constructor takes its keyword options.
 
     ``forward(hidden, weight, target_ids, target_logprobs, bias=None, labels=None, num_items_in_batch=None)``.
+    With ``process_group`` (``vocab_start``, ``vocab_size``, ``reduce_hidden_grad``) it is the vocab-parallel form.
     """
 
     def __init__(
@@ -292,6 +355,10 @@ class FusedLinearSparseKLLoss(nn.Module):
         check_ids: bool = True,
         check_inputs: bool = True,
         grad_skip_eps: float = 0.0,
+        process_group=None,
+        vocab_start: int | None = None,
+        vocab_size: int | None = None,
+        reduce_hidden_grad: bool = True,
     ) -> None:
         super().__init__()
         make_config(
@@ -303,6 +370,11 @@ class FusedLinearSparseKLLoss(nn.Module):
             reduction=reduction, scale_by_t2=scale_by_t2, backend=backend, check_ids=check_ids,
             check_inputs=check_inputs, grad_skip_eps=grad_skip_eps,
         )  # fmt: skip
+        if process_group is not None:
+            self.options.update(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
+                                reduce_hidden_grad=reduce_hidden_grad)  # fmt: skip
+        elif vocab_start is not None or vocab_size is not None:
+            raise ValueError("vocab_start and vocab_size describe a vocab-parallel shard; they need process_group")
 
     def forward(
         self,

@@ -16,7 +16,10 @@ Backward (``_fused_backward_kernel``). One program per (row block, vocabulary ti
 
     dZ = dense_s * softmax(z / T) + dense_z * softmax(z) + sum_k coef_k * 1(j = id_k)
 
-from per-row coefficients (already multiplied by grad_output), then consumes it at once:
+from per-row coefficients (already multiplied by grad_output), where with tail='bucket' (``SUPPORT``) dense_s at
+a target id is the slot's own coefficient cin_k instead: the tile's softmax(z / T) is taken at those columns into
+dZ with cin_k and then zeroed, before dense_s multiplies the rest (a selection, so the large dense_s and cin_k of a
+tiny student tail never cancel; duplicates share one cin and the first takes it). It then consumes dZ at once:
 ``dH[rows] += dZ W[tile]`` and ``dW[tile] += dZ^T H[rows]`` in ``BLOCK_H`` steps, and ``db[tile] += sum_rows dZ``,
 all accumulated with fp32 atomics (the order of additions, hence the last bits, is not deterministic).
 ``dZ`` is cast to the inputs' dtype for the two products, as the gradient of materialised logits would be.
@@ -147,10 +150,10 @@ def _fused_forward_kernel(
 
 @triton.jit
 def _fused_backward_kernel(
-    h_ptr, h_stride, w_ptr, w_stride, b_ptr, ids_ptr, ids_stride, coef_ptr, row_ptr,
+    h_ptr, h_stride, w_ptr, w_stride, b_ptr, ids_ptr, ids_stride, coef_ptr, row_ptr, cin_ptr,
     dh_ptr, dh_stride, dw_ptr, dw_stride, db_ptr,
-    N, V, H, K1, v_begin, v_end, inv_t, skip_eps,
-    HAS_BIAS: tl.constexpr, DENSE_S: tl.constexpr, DENSE_Z: tl.constexpr, SKIP: tl.constexpr,
+    N, V, H, K1, K_T, v_begin, v_end, inv_t, skip_eps,
+    HAS_BIAS: tl.constexpr, DENSE_S: tl.constexpr, DENSE_Z: tl.constexpr, SUPPORT: tl.constexpr, SKIP: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -189,13 +192,14 @@ def _fused_backward_kernel(
         p_max = 0.0
         # row_ptr holds (7, N): max_s, logsum_s, c_s, max_z, logsum_z, c_z, counted; max = +inf where not counted.
         if DENSE_S:
-            m_s = tl.load(row_ptr + rows, mask=row_ok, other=float("inf"))
-            l_s = tl.load(row_ptr + N + rows, mask=row_ok, other=0.0)
-            c_s = tl.load(row_ptr + 2 * N + rows, mask=row_ok, other=0.0)
-            p_s = tl.exp((z * inv_t - m_s[:, None]) - l_s[:, None])
-            dz += c_s[:, None] * p_s
-            if SKIP:
-                p_max = tl.max(tl.max(p_s, axis=1), axis=0)
+            if not SUPPORT:
+                m_s = tl.load(row_ptr + rows, mask=row_ok, other=float("inf"))
+                l_s = tl.load(row_ptr + N + rows, mask=row_ok, other=0.0)
+                c_s = tl.load(row_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+                p_s = tl.exp((z * inv_t - m_s[:, None]) - l_s[:, None])
+                dz += c_s[:, None] * p_s
+                if SKIP:
+                    p_max = tl.max(tl.max(p_s, axis=1), axis=0)
         if DENSE_Z:
             m_z = tl.load(row_ptr + 3 * N + rows, mask=row_ok, other=float("inf"))
             l_z = tl.load(row_ptr + 4 * N + rows, mask=row_ok, other=0.0)
@@ -204,13 +208,31 @@ def _fused_backward_kernel(
             dz += c_z[:, None] * p_z
             if SKIP:
                 p_max = tl.maximum(p_max, tl.max(tl.max(p_z, axis=1), axis=0))
+        if SUPPORT:  # softmax(z / T) waits for the fix-ups below, which take it at the target ids (z is dead after)
+            m_s = tl.load(row_ptr + rows, mask=row_ok, other=float("inf"))
+            l_s = tl.load(row_ptr + N + rows, mask=row_ok, other=0.0)
+            p_s = tl.exp((z * inv_t - m_s[:, None]) - l_s[:, None])
+            if SKIP:
+                p_max = tl.maximum(p_max, tl.max(tl.max(p_s, axis=1), axis=0))
         if n_hits > 0:  # the K (+ label) sparse fix-ups; duplicate ids add up
             for k in range(0, K1):
                 idk = tl.load(ids_ptr + rows * ids_stride + k, mask=row_ok, other=-1).to(tl.int64)
                 hit = (idk >= v0) & (idk < v0 + BLOCK_N)
                 if tl.sum(hit.to(tl.int32), axis=0) > 0:
+                    at = cols[None, :] == idk[:, None]
                     ck = tl.load(coef_ptr + rows * K1 + k, mask=hit, other=0.0)
-                    dz += tl.where(cols[None, :] == idk[:, None], ck[:, None], 0.0)
+                    if SUPPORT:
+                        if k < K_T:  # a target id: its own dense coefficient, taken once (p_s then reads 0 there)
+                            cin = tl.load(cin_ptr + rows * K_T + k, mask=hit, other=0.0)
+                            dz += tl.where(at, ck[:, None] + cin[:, None] * p_s, 0.0)
+                            p_s = tl.where(at, 0.0, p_s)
+                        else:
+                            dz += tl.where(at, ck[:, None], 0.0)
+                    else:
+                        dz += tl.where(at, ck[:, None], 0.0)
+        if SUPPORT:
+            c_s = tl.load(row_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+            dz += c_s[:, None] * p_s
         tile_ok = row_in[:, None] & col_ok[None, :]
         dz = tl.where(tile_ok, dz, 0.0)
         keep = 1
@@ -339,13 +361,15 @@ def fused_backward_triton(
     dense_z: bool,
     needs: tuple[bool, bool, bool],
     skip_eps: float,
+    cin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dH, dW, db) in the dtypes of hidden, weight and bias (None where not needed).
 
     coef (N, K1) fp32: the gradient at ids_ext; row (7, N) fp32: max and log_sum of z / T, the dense coefficient
     of softmax(z / T), max and log_sum of z, the dense coefficient of softmax(z) (coefficients already multiplied by
     grad_output and the mean's 1/denominator; max = +inf on rows whose dense gradient is 0), and 1 where the row
-    counts, 0 where its hidden state is to be read as 0.
+    counts, 0 where its hidden state is to be read as 0. cin (N, K) fp32 or None (tail='bucket' with dense_s):
+    the coefficient of softmax(z / T) at the first K ids_ext (the target ids), in place of the row's dense one.
     """
     n, h = hidden.shape
     vocab = weight.shape[0]
@@ -366,6 +390,8 @@ def fused_backward_triton(
         if not direct:
             dw32 = torch.empty((min(slice_rows, vocab), h), dtype=torch.float32, device=dev)
     dummy = hidden.new_zeros(1, dtype=torch.float32)
+    support = dense_s and cin is not None
+    k_t = cin.shape[1] if support else 0
     for v_begin in range(0, vocab, slice_rows):
         v_end = min(vocab, v_begin + slice_rows)
         acc = None
@@ -374,10 +400,10 @@ def fused_backward_triton(
         grid = (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(v_end - v_begin, block_n),)
         _fused_backward_kernel[grid](
             hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-            ids_ext, ids_ext.stride(0), coef, row,
+            ids_ext, ids_ext.stride(0), coef, row, cin if support else dummy,
             dh32 if need_dh else dummy, h, acc if acc is not None else dummy, h, db32 if need_db else dummy,
-            n, vocab, h, k1, v_begin, v_end, inv_t, skip_eps,
-            HAS_BIAS=bias is not None, DENSE_S=dense_s, DENSE_Z=dense_z, SKIP=skip_eps > 0,
+            n, vocab, h, k1, k_t, v_begin, v_end, inv_t, skip_eps,
+            HAS_BIAS=bias is not None, DENSE_S=dense_s, DENSE_Z=dense_z, SUPPORT=support, SKIP=skip_eps > 0,
             COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db, GROUP_M=8,
             PRECISION=_precision(hidden.dtype), UPCAST=_upcast(hidden.dtype), **cfg,
         )  # fmt: skip

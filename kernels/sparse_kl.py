@@ -27,7 +27,16 @@ Gradient. With g_b = dD/dq_b per bin and w_b = q_b g_b, the softmax Jacobian giv
 
 and dz = ds / T. For forward_kl/bucket this is DESIGN's (1/T)[(P + p_tail) q_j - p_j 1(j in S)
 - (p_tail / q_tail) q_j 1(j not in S)]. The cross-entropy adds (1 - alpha)(softmax(z)_j - 1(j = label)).
-So the gradient is one dense pass plus K (+1) sparse fix-ups: the structure of a cross-entropy kernel.
+For bucket the kernels split the sum so that no large terms cancel (``sparse_kl_torch.RowTerms``): g_tail
+(~ -p_tail / q_tail) is huge for a student tail far below the teacher's, and at an id both -A q_j and a_k are
+~ g_tail q_j, so their difference would lose g_tail times fp32's rounding. With W = sum_k w_k, c_j = the slots
+holding id j, and q_tail exact from the dense pass:
+
+    j outside S:  dD/ds_j = -A q_j,                                                   A = W - g_tail (1 - q_tail)
+    j in S:       dD/ds_j = -(A_in - g_tail (1 - c_j)) q_j + sum_{k: id_k = j} w_k,   A_in = W + g_tail q_tail
+
+where the coefficient of q_j is formed as one scalar before it multiplies q_j. Either way the gradient is one
+dense pass plus K (+1) sparse fix-ups: the structure of a cross-entropy kernel.
 
 Forward computes the gradient already (scaled by 1/denominator for reduction='mean'); backward only
 multiplies it by grad_output, and skips even that, on the device, when grad_output is exactly 1.
@@ -64,7 +73,7 @@ from ._common import (
     row_scale,
 )
 from .sparse_kl_torch import sparse_kl_forward_torch
-from .vocab_parallel import VocabParallelParams, VocabParallelSparseKLFunction, check_supported, shard_layout
+from .vocab_parallel import VocabParallelParams, VocabParallelSparseKLFunction, shard_layout
 
 
 @dataclass(frozen=True)
@@ -255,8 +264,8 @@ def sparse_kl_loss(
             (Megatron-style tensor parallelism; see ``vocab_parallel.py``). ``logits`` (..., V_local) is then this
             rank's contiguous column slice; target ids and labels are global and the same on every rank. The loss
             (the same on every rank) and the gradient of the local logits equal those of the unsharded loss, with
-            two all-reduces per call and none in backward. Torch backend only (``backend='triton'`` raises), and
-            only tail='bucket' (any kind) or tail='renormalize' (forward_kl); other tails raise NotImplementedError.
+            two all-reduces per call and none in backward. Every kind and tail, on both backends
+            (``vocab_parallel_triton.py`` for the two passes over the slice).
         vocab_start, vocab_size: the slice this rank holds is [vocab_start, vocab_start + V_local) of a vocabulary
             of vocab_size. Default: equal slices in rank order (rank r starts at r * V_local, V = world * V_local).
             Uneven slices pass both. Only with ``process_group``.
@@ -275,7 +284,7 @@ def sparse_kl_loss(
     logits2d, ids2d, lp2d, labels1d = flatten_inputs(logits, target_ids, target_logprobs, labels)
     if process_group is not None:
         out = _vocab_parallel_loss(
-            logits2d, ids2d, lp2d, labels1d, cfg, kind=kind, tail=tail, reduction=reduction, backend=backend,
+            logits2d, ids2d, lp2d, labels1d, cfg, reduction=reduction, backend=backend,
             num_items_in_batch=num_items_in_batch, check_ids=check_ids, check_inputs=check_inputs,
             inplace_grad=inplace_grad, process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size,
         )  # fmt: skip
@@ -292,21 +301,16 @@ def sparse_kl_loss(
     return out.reshape(lead) if reduction == "none" else out
 
 
-def _vocab_parallel_loss(logits2d, ids2d, lp2d, labels1d, cfg, *, kind, tail, reduction, backend,
+def _vocab_parallel_loss(logits2d, ids2d, lp2d, labels1d, cfg, *, reduction, backend,
                          num_items_in_batch, check_ids, check_inputs, inplace_grad, process_group, vocab_start,
                          vocab_size):  # fmt: skip
     """:func:`sparse_kl_loss` with ``process_group``: the vocab-parallel torch path (``vocab_parallel.py``)."""
-    if backend == "triton":
-        raise NotImplementedError(
-            "sparse_kl_loss(process_group=...) runs on the torch backend only; the vocab-parallel Triton path is "
-            "for a GPU session (issue 17) and is not built yet: pass backend='torch' or 'auto'"
-        )
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    check_supported(kind, tail)
+    use_triton = use_triton_for(backend, logits2d.device)
+    if use_triton and logits2d.dtype == torch.float64:
+        raise ValueError("the Triton backend takes float16, bfloat16 or float32; use backend='torch' for float64")
     start, total = shard_layout(logits2d.shape[1], process_group, vocab_start, vocab_size)
     params = VocabParallelParams(
-        config=cfg, reduction=reduction, use_triton=False, vocab_start=start, vocab_size=total,
+        config=cfg, reduction=reduction, use_triton=use_triton, vocab_start=start, vocab_size=total,
         check_ids=bool(check_ids), check_inputs=bool(check_inputs), inplace_grad=bool(inplace_grad),
     )  # fmt: skip
     scale = row_scale(reduction, counted_rows(total, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
@@ -316,7 +320,8 @@ def _vocab_parallel_loss(logits2d, ids2d, lp2d, labels1d, cfg, *, kind, tail, re
 class SparseKLLoss(nn.Module):
     """Module form of :func:`sparse_kl_loss`; the constructor takes its keyword options.
 
-    ``forward(logits, target_ids, target_logprobs, labels=None, num_items_in_batch=None)``.
+    ``forward(logits, target_ids, target_logprobs, labels=None, num_items_in_batch=None)``. With ``process_group``
+    (and ``vocab_start``/``vocab_size`` for uneven slices) it is the vocab-parallel loss over this rank's slice.
     """
 
     def __init__(
@@ -334,6 +339,9 @@ class SparseKLLoss(nn.Module):
         check_ids: bool = True,
         check_inputs: bool = True,
         inplace_grad: bool = False,
+        process_group=None,
+        vocab_start: int | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         make_config(
@@ -345,6 +353,10 @@ class SparseKLLoss(nn.Module):
             reduction=reduction, scale_by_t2=scale_by_t2, backend=backend, check_ids=check_ids,
             check_inputs=check_inputs, inplace_grad=inplace_grad,
         )  # fmt: skip
+        if process_group is not None:
+            self.options.update(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+        elif vocab_start is not None or vocab_size is not None:
+            raise ValueError("vocab_start and vocab_size describe a vocab-parallel shard; they need process_group")
 
     def forward(
         self,

@@ -5,15 +5,21 @@ hard cross-entropy at T = 1 is mixed in) in fp32 registers; with tail='bucket' a
 the columns outside the target ids (the student's tail, exact; each block masks its few ids, found as one range of
 the row's sorted ids). The K student logits at the target ids are gathered, and a handful of per-row scalars
 follow from them (see ``sparse_kl.py`` for the math):
-the divergence ``D``, the dense coefficient ``A`` and the per-slot fix-ups ``a_k``, so that
+the divergence ``D``, the dense coefficients ``A`` (outside the support) and ``A_in``, ``b`` (at it) and the
+per-slot fix-ups ``a_k``, so that (c_j = the slots holding id j; ``sparse_kl_torch.RowTerms``)
 
-    dD/ds_j = -A * q_j + sum_{k: id_k = j} a_k.
+    dD/ds_j = -A * q_j                                             (j outside the support)
+    dD/ds_j = -(A_in - b (1 - c_j)) * q_j + sum_{k: id_k = j} a_k   (j an id).
 
-Pass 2 writes the gradient of the row in the logits' dtype: the dense part block by block, then, after a
-barrier, the K (+ label) positions with their exact values. The values at those positions are prepared in
+With tail='bucket', b = g_tail, which is large when the student's tail is far below the teacher's; the support's
+coefficient is formed as one scalar before it multiplies q_j, so no two ~g_tail q_j terms cancel there.
+Other tails: A_in = A, b = 0.
+
+Pass 2 writes the gradient of the row in the logits' dtype: the dense part (-A q_j) block by block, then, after
+a barrier, the K (+ label) positions with their exact values. The values at those positions are prepared in
 fp32 *before* pass 2 into a small (N, K) scratch, so the gradient may overwrite the logits in place.
-Duplicate ids are separate bins: the fix-ups of equal ids are summed (a K x K compare in chunks), and every
-duplicate slot stores the same value.
+Duplicate ids are separate bins: the fix-ups of equal ids are summed and c_j counted (a K x K compare in
+chunks), and every duplicate slot stores the same value.
 
 A NaN or +inf logit makes the online sum of pass 1 NaN (exp(nan), or exp(+inf - +inf)), and that NaN is carried
 into the row's log-normaliser and from there, explicitly, into its loss and gradient, as the torch backend's
@@ -190,8 +196,12 @@ def _sparse_kl_kernel(
         f_t, g_t, w_t = _bin_terms(p_t, tl.log(tl.maximum(p_t, _EPS)), q_t, tl.log(q_t), beta, KIND)
         g_t = tl.where(q_t_raw > 0, g_t, 0.0)
         div = tl.sum(tl.where(valid, f, 0.0), axis=0) + f_t
-        a = tl.where(valid, w - g_t * q, 0.0)
-        big_a = tl.sum(a, axis=0)
+        a = tl.where(valid, w, 0.0)
+        big_w = tl.sum(a, axis=0)
+        # A = W - g_t Q with Q = 1 - q_t exact (the gathered Q would round); A_in = W + g_t q_t, b = g_t
+        big_a = big_w - g_t * (1.0 - q_t)
+        big_a_in = big_w + g_t * q_t
+        b_in = g_t
     else:
         safe_p = tl.where(big_p > 0, big_p, 1.0)
         lpb = tl.maximum(lp - tl.log(safe_p), _LOG_EPS)
@@ -204,6 +214,8 @@ def _sparse_kl_kernel(
         else:
             a = w - q * tl.sum(w, axis=0)
             big_a = 0.0
+        big_a_in = big_a
+        b_in = 0.0
     loss = soft_w * div + poison
     z_label = 0.0
     if HAS_CE:
@@ -225,14 +237,23 @@ def _sparse_kl_kernel(
             valid_c = in_c & (ids_c >= 0) & (ids_c < V)
             ids_c = tl.where(valid_c, ids_c, -1)
             z_c = tl.load(x_row + ids_c, mask=valid_c, other=NEG_INF).to(tl.float32)
-            val = _dense_grad(z_c, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S, HAS_CE)
-            val += tl.sum(tl.where(ids_c[:, None] == ids[None, :], delta[None, :], 0.0), axis=1)
+            same = (ids_c[:, None] == ids[None, :]) & valid[None, :]
+            dense_in = dense_c
+            if TAIL == 0:  # the support's own coefficient, one scalar per slot: -(A_in - b (1 - c_j)) soft
+                n_same = tl.sum(same.to(tl.float32), axis=1)
+                dense_in = -(big_a_in - b_in * (1.0 - n_same)) * soft_c
+            val = _dense_grad(z_c, inv_t, lse_s, dense_in, lse_z, ce_c, NEED_S, HAS_CE)
+            val += tl.sum(tl.where(same, delta[None, :], 0.0), axis=1)
             if HAS_CE:
                 val -= tl.where(ids_c == label, ce_c, 0.0)
             tl.store(fix_ptr + row * K + offs_c, tl.where(counted, val, 0.0), mask=in_c)  # 0, not 0 * nan
         label_val = 0.0
         if HAS_CE:
-            label_val = _dense_grad(z_label, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S, HAS_CE)
+            dense_lab = dense_c
+            if TAIL == 0:  # a label in the support takes the support's coefficient
+                n_lab = tl.sum((valid & (ids == label)).to(tl.float32), axis=0)
+                dense_lab = tl.where(n_lab > 0, -(big_a_in - b_in * (1.0 - n_lab)) * soft_c, dense_c)
+            label_val = _dense_grad(z_label, inv_t, lse_s, dense_lab, lse_z, ce_c, NEED_S, HAS_CE)
             label_val += tl.sum(tl.where(ids == label, delta, 0.0), axis=0) - ce_c
 
         # Pass 2: dense gradient, block by block, in the gradient's dtype.

@@ -1,53 +1,58 @@
 """Vocab-parallel sparse distillation loss (torch backend): a student whose logits are sharded over the vocabulary.
 
 Megatron-style tensor parallelism: each rank of ``process_group`` holds a contiguous column slice
-``[vocab_start, vocab_start + V_local)`` of the full (N, V) logits; target ids and labels are global ids and the
-same on every rank. The loss (replicated on every rank) and each rank's gradient w.r.t. its local logits equal
-those of the unsharded :func:`sparse_kl_loss` on the concatenated logits. The full logits are never gathered.
+``[vocab_start, vocab_start + V_local)`` of the full (N, V) logits, or of the output layer's weight (the fused form);
+target ids and labels are global ids and the same on every rank. The loss (replicated on every rank) and each rank's
+gradients equal those of the unsharded loss on the concatenated logits. The full logits are never gathered.
 
 Per call there are exactly two all-reduces, each of O(N * K) elements:
 
 1. MAX of the row maxima of the local logits (the shift of the row log-sum-exp);
-2. SUM of, per row, the shifted exp-sums (of z / T, and of z when a cross-entropy at T != 1 needs its own),
-   the student logits at the K target ids (each id lives on one rank; the others add 0), the logit at the label,
-   and, for tail='bucket', the student mass outside the support sum_j exp(s_j - m) (1 - c_j) (as in the unsharded
-   dense pass, exact where 1 - sum_S q would round away a small tail).
+2. SUM of, per row, the exp-sums (of z / T, and of z when a cross-entropy at T != 1 needs its own), rescaled from
+   the local maximum to the global one, the student logits at the K target ids (each id lives on one rank; the
+   others add 0), the logit at the label, and, for tail='bucket', the student mass outside the support
+   sum_j exp(s_j - m) (1 - c_j) (as in the unsharded dense pass, exact where 1 - sum_S q would round a small tail).
 
-After them every rank holds all per-row quantities (log-sum-exp, log q at the targets, Q's tail), computes the
-row losses and the per-slot coefficients redundantly (O(N * K)), and writes the gradient of its own columns:
-``-A q_j + sum_{k: id_k = j} a_k`` for its j, plus the cross-entropy's softmax and -1 at a local label. The
-gradient is computed in forward, so backward only scales it by grad_output: no communication in backward.
+One pass over the local logits computes the local maxima and sums together (online, rescaled after the MAX), so the
+logits (or, fused, the chunks of ``hidden @ weight_local.T``) are read twice per call: once for these statistics and
+once for the gradient. After the all-reduces every rank holds all per-row quantities (log-sum-exp, log q at the
+targets, Q's tail) and computes the row losses and the gradient coefficients redundantly (O(N * K), the row math of
+``sparse_kl_torch.row_terms``); the gradient of its own columns needs no further communication.
 
-Rows are processed in chunks (three passes over the local logits: max, sums, gradient), so at most a few
-chunk x V_local float32 buffers exist at once, and the number of collectives does not depend on N.
+- :func:`sparse_kl_loss` with ``process_group``: the gradient is computed in forward (backward only scales it).
+- :func:`fused_linear_sparse_kl_loss` with ``process_group``: forward keeps the O(N * K) row state; backward
+  recomputes each chunk of local logits, forms its gradient and consumes it into dH, dW_local and db_local. dH is a
+  sum over the ranks' vocabulary slices: one all-reduce of (N, H) in backward, the one any column-parallel output
+  layer needs (``reduce_hidden_grad=False`` leaves it to the caller, e.g. Megatron's copy-to-tensor-parallel region).
 
-Supported: tail='bucket' with every kind (forward_kl, reverse_kl, jsd, tvd) and tail='renormalize' (forward_kl).
-tail='restrict' raises NotImplementedError (it needs the row's NaN check and no dense term; not built yet).
-Not traceable by torch.compile (the collectives run inside a plain autograd.Function).
+Every kind and tail is supported (tail='restrict' gathers only the K logits, but still reads the row's exp-sum so a
+NaN or +inf logit anywhere makes the loss NaN, as in the unsharded loss). Not traceable by torch.compile (the
+collectives run inside a plain autograd.Function).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ._common import TAILS, LossConfig, LossParams, check_targets, keep_grad_and_reduce
-from .sparse_kl_torch import CHUNK_ELEMENTS, row_terms
-
-SUPPORTED = "tail='bucket' (any kind) or tail='renormalize' (kind='forward_kl')"
+from ._backend import vocab_parallel_triton
+from ._common import LossParams, check_targets, keep_grad_and_reduce
+from .sparse_kl_torch import CHUNK_ELEMENTS, RowTerms, dense_coefficients, outside_counts, row_terms
 
 
 @dataclass(frozen=True)
 class VocabParallelParams(LossParams):
-    """``LossParams`` plus the shard layout and the options of :func:`sparse_kl_loss` that apply here."""
+    """``LossParams`` plus the shard layout and the options of the two losses that apply here."""
 
     vocab_start: int  # first global column this rank holds
     vocab_size: int  # the full vocabulary V
     check_ids: bool
     check_inputs: bool
-    inplace_grad: bool
+    inplace_grad: bool = False  # sparse_kl_loss: write the gradient over the local logits
+    reduce_hidden_grad: bool = True  # the fused form: all-reduce dH over the group in backward
 
 
 def shard_layout(local_vocab: int, process_group, vocab_start: int | None, vocab_size: int | None) -> tuple[int, int]:
@@ -76,117 +81,179 @@ def shard_layout(local_vocab: int, process_group, vocab_start: int | None, vocab
     return start, total
 
 
-def check_supported(kind: str, tail: str) -> None:
-    if tail not in ("bucket", "renormalize") or (tail == "renormalize" and kind != "forward_kl"):
+def check_fused_backend(backend: str) -> None:
+    """The fused form's vocab-parallel path has no Triton kernel yet: 'triton' raises, 'auto' means torch."""
+    if backend == "triton":
         raise NotImplementedError(
-            f"vocab-parallel sparse_kl_loss (process_group=...) supports {SUPPORTED}; got kind={kind!r}, tail={tail!r}"
+            "fused_linear_sparse_kl_loss(process_group=...) runs on the torch backend only; a vocab-parallel fused "
+            "Triton kernel is not built yet: pass backend='torch' or 'auto'"
         )
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
-def vocab_parallel_forward(
-    logits: torch.Tensor,
-    target_ids: torch.Tensor,
-    target_logprobs: torch.Tensor,
-    labels: torch.Tensor | None,
-    scale: torch.Tensor,
-    cfg: LossConfig,
-    grad: torch.Tensor | None,
-    vocab_start: int,
-    vocab_size: int,
-    group,
-) -> torch.Tensor:
-    """Per-row losses (N,) float32 (replicated); fills ``grad`` (N, V_local) when given (may alias ``logits``)."""
-    assert cfg.tail in (TAILS["bucket"], TAILS["renormalize"])
-    n, local = logits.shape
-    dev = logits.device
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    inv_t = 1.0 / cfg.temperature
-    bucket = cfg.tail == TAILS["bucket"]
-    sep_ce = cfg.has_ce and inv_t != 1.0  # the cross-entropy (T = 1) needs its own exp-sum
-    k = target_ids.shape[1]
-    chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local)))
-    end = vocab_start + local
+@dataclass
+class RowState:
+    """Per-row quantities after the two all-reduces (all O(N * K)), enough for the loss and the local gradient."""
 
+    lse_s: torch.Tensor  # (N,) log-sum-exp of z / T over the full vocabulary
+    lse1: torch.Tensor | None  # (N,) log-sum-exp of z (cross-entropy at T != 1), else None
+    terms: RowTerms
+    counted: torch.Tensor  # (N,) rows that count
+    valid: torch.Tensor  # (N, K) slots with a real id
+    mine: torch.Tensor  # (N, K) slots whose id is a local column
+    loc_ids: torch.Tensor  # (N, K) local column of each slot (0 where not mine)
+    lab_ok: torch.Tensor | None  # (N,) rows whose label is a real id (CE only)
+    lab_mine: torch.Tensor | None  # (N,) rows whose label is a local column
+    lab_loc: torch.Tensor | None  # (N, 1) its local column (0 where not mine)
+
+
+def _layout(target_ids, labels, cfg, vocab_start: int, local: int, vocab_size: int) -> dict:
     ids = target_ids.long()
     valid = (ids >= 0) & (ids < vocab_size)
+    end = vocab_start + local
     mine = valid & (ids >= vocab_start) & (ids < end)
-    loc_ids = torch.where(mine, ids - vocab_start, torch.zeros_like(ids))
+    out = dict(valid=valid, mine=mine, loc_ids=torch.where(mine, ids - vocab_start, torch.zeros_like(ids)))
     counted = valid.any(-1)
+    lab_ok = lab_mine = lab_loc = None
     if labels is not None:
         lab = labels.long()
         counted = counted & (lab != cfg.ignore_index)
         lab_ok = counted & (lab >= 0) & (lab < vocab_size)
         lab_mine = lab_ok & (lab >= vocab_start) & (lab < end)
         lab_loc = torch.where(lab_mine, lab - vocab_start, torch.zeros_like(lab))[:, None]
+    return dict(out, counted=counted, lab_ok=lab_ok, lab_mine=lab_mine, lab_loc=lab_loc)
 
-    # pass 1: row maxima of z (the max of z / T is the max of z times 1/T), all-reduced MAX
-    m = torch.empty(n, dtype=compute, device=dev)
-    for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
-        m[r0:r1] = logits[r0:r1].to(compute).amax(-1)
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    m_s = m * inv_t
 
-    # pass 2: shifted exp-sums, gathered target logits, label logit, bucket tail mass; one SUM all-reduce
-    # columns: [0] sum exp(s - m_s), [1:1+k] s at the target ids, [1+k] tail mass, [2+k] sum exp(z - m), [3+k] z_label
-    sums = torch.zeros(n, k + 4, dtype=compute, device=dev)
+def _chunks(n: int, local: int):
+    chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local)))
     for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
-        x = logits[r0:r1].to(compute)
+        yield r0, min(n, r0 + chunk)
+
+
+def local_sums(chunk_logits: Callable[[int, int], torch.Tensor], n: int, local: int, compute: torch.dtype,
+               device: torch.device, cfg, lay: dict) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One pass over the local logits: (m_loc (N,), sums (N, K + 4)), the sums shifted by the local maxima.
+
+    ``chunk_logits(r0, r1)`` returns rows [r0, r1) of the local logits (any float dtype; read once). Columns of
+    ``sums``: [0] sum exp(s - m_loc / T), [1:1+K] s at the target ids on this rank, [1+K] the bucket's tail mass,
+    [2+K] sum exp(z - m_loc) (cross-entropy at T != 1), [3+K] z at the label when it is on this rank.
+    """
+    inv_t = 1.0 / cfg.temperature
+    sep_ce = cfg.has_ce and inv_t != 1.0  # the cross-entropy (T = 1) needs its own exp-sum
+    mine, loc_ids = lay["mine"], lay["loc_ids"]
+    k = loc_ids.shape[1]
+    zero = torch.zeros((), dtype=compute, device=device)
+    m = torch.empty(n, dtype=compute, device=device)
+    sums = torch.zeros(n, k + 4, dtype=compute, device=device)
+    for r0, r1 in _chunks(n, local):
+        x = chunk_logits(r0, r1).to(compute)
+        m_loc = x.amax(-1)
+        m[r0:r1] = m_loc
+        shift = torch.where(m_loc == float("-inf"), zero, m_loc)[:, None]  # an all -inf slice sums to 0
         s = x * inv_t if inv_t != 1.0 else x
-        e = torch.exp(s - m_s[r0:r1, None])
+        e = torch.exp(s - shift * inv_t)
         sums[r0:r1, 0] = e.sum(-1)
         mk = mine[r0:r1]
-        sums[r0:r1, 1 : 1 + k] = torch.where(mk, s.gather(1, loc_ids[r0:r1]), torch.zeros((), dtype=compute))
-        if bucket:
-            outside = torch.ones_like(e).scatter_add_(1, loc_ids[r0:r1], -mk.to(compute))
-            sums[r0:r1, 1 + k] = torch.linalg.vecdot(e, outside)
+        sums[r0:r1, 1 : 1 + k] = torch.where(mk, s.gather(1, loc_ids[r0:r1]), zero)
+        if cfg.tail == 0:
+            sums[r0:r1, 1 + k] = torch.linalg.vecdot(e, outside_counts(e, loc_ids[r0:r1], mk))
         if sep_ce:
-            sums[r0:r1, 2 + k] = torch.exp(x - m[r0:r1, None]).sum(-1)
+            sums[r0:r1, 2 + k] = torch.exp(x - shift).sum(-1)
         if cfg.has_ce:
-            z_lab = x.gather(1, lab_loc[r0:r1])[:, 0]
-            sums[r0:r1, 3 + k] = torch.where(lab_mine[r0:r1], z_lab, torch.zeros((), dtype=compute))
+            z_lab = x.gather(1, lay["lab_loc"][r0:r1])[:, 0]
+            sums[r0:r1, 3 + k] = torch.where(lay["lab_mine"][r0:r1], z_lab, zero)
         del x, s, e
+    return m, sums
+
+
+def row_state(
+    local_pass: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+    local: int,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    params: VocabParallelParams,
+    group,
+) -> tuple[torch.Tensor, RowState]:
+    """Per-row losses (N,) float32 (replicated) and the row state.
+
+    ``local_pass(layout)`` makes this rank's (m_loc, sums) (``local_sums`` or its Triton form); then the MAX and
+    the SUM all-reduce, and the row math.
+    """
+    cfg = params.config
+    inv_t = 1.0 / cfg.temperature
+    sep_ce = cfg.has_ce and inv_t != 1.0
+    k = target_ids.shape[1]
+    lay = _layout(target_ids, labels, cfg, params.vocab_start, local, params.vocab_size)
+    m_loc, sums = local_pass(lay)
+    m = m_loc.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    # rescale the local sums from the local maximum to the global one (a slice of -inf logits holds 0)
+    delta = torch.where(m_loc == float("-inf"), torch.full_like(m, float("-inf")), m_loc - m)
+    rescale_s = torch.exp(delta * inv_t)
+    sums[:, 0] *= rescale_s
+    sums[:, 1 + k] *= rescale_s
+    if sep_ce:
+        sums[:, 2 + k] *= torch.exp(delta)
     dist.all_reduce(sums, group=group)
 
+    m_s = m * inv_t
     lse_s = m_s + sums[:, 0].log()
     s_k = sums[:, 1 : 1 + k]
-    lq_k = s_k - lse_s[:, None]
-    q_tail = sums[:, 1 + k] / sums[:, 0] if bucket else None
-    d, big_a, a = row_terms(s_k, lq_k, target_logprobs.to(compute), valid, cfg, q_tail)
-    row = cfg.soft_weight * d
+    restrict = cfg.tail == 2
+    lq_k = None if restrict else s_k - lse_s[:, None]
+    q_tail = sums[:, 1 + k] / sums[:, 0] if cfg.tail == 0 else None
+    terms = row_terms(s_k, lq_k, target_logprobs.to(sums.dtype), lay["valid"], cfg, q_tail)
+    if restrict:  # its loss reads only s_k: a NaN or +inf logit elsewhere in the row shows in the exp-sum
+        poison = torch.where(torch.isnan(lse_s), float("nan"), 0.0).to(sums.dtype)
+        terms = terms._replace(d=terms.d + poison, a=terms.a + poison[:, None])
+    row = cfg.soft_weight * terms.d
+    lse1 = None
     if cfg.has_ce:
         lse1 = (m + sums[:, 2 + k].log()) if sep_ce else lse_s
         row = row - cfg.ce_weight * (sums[:, 3 + k] - lse1)
-    losses = torch.where(counted, row, torch.zeros_like(row)).float()
-    if grad is None:
-        return losses
+    losses = torch.where(lay["counted"], row, torch.zeros_like(row)).float()
+    state = RowState(lse_s=lse_s, lse1=lse1 if sep_ce else None, terms=terms, **lay)
+    return losses, state
 
-    # pass 3: the gradient of the local columns
-    zero = torch.zeros_like(d)
-    sc = scale.to(compute)
+
+def local_grad(x: torch.Tensor, r0: int, r1: int, st: RowState, scale: torch.Tensor, params: VocabParallelParams):
+    """The gradient (compute dtype) of ``sum_n scale_n * loss_n`` w.r.t. rows [r0, r1) of the local logits ``x``.
+
+    ``scale`` is (1,) or (N,) (1/denominator for 'mean', times grad_output when the fused form recomputes).
+    """
+    cfg = params.config
+    inv_t = 1.0 / cfg.temperature
+    compute = st.lse_s.dtype
+    x = x.to(compute)
+    sl = slice(r0, r1)
+    counted, mine, loc_ids = st.counted[sl], st.mine[sl], st.loc_ids[sl]
+    zero = torch.zeros((), dtype=compute, device=x.device)
+    sc = scale.to(compute) if scale.numel() == 1 else scale[sl].to(compute)
     soft = torch.where(counted, sc * (cfg.soft_weight * inv_t), zero)
-    dense_c = -big_a * soft
-    ce_c = torch.where(lab_ok, sc * cfg.ce_weight, zero) if cfg.has_ce else zero
-    fix = torch.where(mine, a * soft[:, None], torch.zeros_like(a))
-    for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
-        x = logits[r0:r1].to(compute)
+    terms = RowTerms(*(t[sl] for t in st.terms))
+    if cfg.tail == 2:  # restrict: no dense soft term
+        g = torch.zeros_like(x)
+    else:
         s = x * inv_t if inv_t != 1.0 else x
-        g = torch.exp(s - lse_s[r0:r1, None])  # q over the local columns
-        if cfg.has_ce and not sep_ce:
-            g.mul_((dense_c + ce_c)[r0:r1, None])
-        else:
-            g.mul_(dense_c[r0:r1, None])
-            if cfg.has_ce:
-                g.add_(torch.exp(x - lse1[r0:r1, None]).mul_(ce_c[r0:r1, None]))
-        del x, s
-        g.scatter_add_(1, loc_ids[r0:r1], fix[r0:r1])
-        if cfg.has_ce:
-            g.scatter_add_(1, lab_loc[r0:r1], -torch.where(lab_mine[r0:r1], ce_c[r0:r1], zero[r0:r1])[:, None])
-        g.masked_fill_(~counted[r0:r1, None], 0.0)  # their coefficients are 0, but 0 * nan = nan
-        grad[r0:r1] = g
-    return losses
+        g = torch.exp(s - st.lse_s[sl, None])  # q over the local columns
+        del s
+        outside = outside_counts(g, loc_ids, mine) if cfg.tail == 0 else None
+        g.mul_(dense_coefficients(terms, soft, outside))
+        del outside
+    if cfg.has_ce:
+        ce_c = torch.where(st.lab_ok[sl], sc * cfg.ce_weight, zero)
+        lse1 = st.lse1[sl] if st.lse1 is not None else st.lse_s[sl]
+        g.add_(torch.exp(x - lse1[:, None]).mul_(ce_c[:, None]))
+        g.scatter_add_(1, st.lab_loc[sl], -torch.where(st.lab_mine[sl], ce_c, zero)[:, None])
+    g.scatter_add_(1, loc_ids, torch.where(mine, terms.a * soft[:, None], zero))
+    g.masked_fill_(~counted[:, None], 0.0)  # their coefficients are 0, but 0 * nan = nan
+    return g
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class VocabParallelSparseKLFunction(torch.autograd.Function):
@@ -194,21 +261,87 @@ class VocabParallelSparseKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target_ids, target_logprobs, labels, scale, params: VocabParallelParams, group):
-        compute_grad = ctx.needs_input_grad[0]
         check_targets(params.vocab_size, target_ids, target_logprobs, labels, params.config.ignore_index,
                       ids=params.check_ids, logprobs=params.check_inputs)  # fmt: skip
-        if compute_grad:
-            grad = logits if params.inplace_grad else torch.empty_like(logits)
+        n, local = logits.shape
+        compute = _compute_dtype(logits.dtype)
+        if params.use_triton:
+            triton_ops = vocab_parallel_triton()
+            local_pass = lambda lay: triton_ops.local_sums(logits, lay, params.config, compute)
         else:
-            grad = None
-        losses = vocab_parallel_forward(
-            logits, target_ids, target_logprobs, labels, scale, params.config, grad, params.vocab_start,
-            params.vocab_size, group,
-        )  # fmt: skip
+            local_pass = lambda lay: local_sums(
+                lambda r0, r1: logits[r0:r1], n, local, compute, logits.device, params.config, lay
+            )
+        losses, st = row_state(local_pass, local, target_ids, target_logprobs, labels, params, group)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = logits if params.inplace_grad else torch.empty_like(logits)
+            if params.use_triton:
+                triton_ops.local_grad(logits, grad, st, scale, params.config)
+            else:
+                for r0, r1 in _chunks(n, local):
+                    grad[r0:r1] = local_grad(logits[r0:r1], r0, r1, st, scale, params)
+        ctx.use_triton = params.use_triton
         return keep_grad_and_reduce(ctx, losses, grad, scale, params.reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        torch.ops.softcache.scale_grad_(grad, grad_output.float().contiguous(), False)
+        torch.ops.softcache.scale_grad_(grad, grad_output.float().contiguous(), ctx.use_triton)
         return grad, None, None, None, None, None, None
+
+
+class VocabParallelFusedLinearFunction(torch.autograd.Function):
+    """``hidden @ weight_local.T + bias_local`` and the loss: forward keeps the row state, backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_ids, target_logprobs, labels, scale, params: VocabParallelParams,
+                group):  # fmt: skip
+        n, local = hidden.shape[0], weight.shape[0]
+
+        def chunk_logits(r0, r1):
+            h = hidden[r0:r1]
+            return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+        compute = _compute_dtype(hidden.dtype)
+        local_pass = lambda lay: local_sums(chunk_logits, n, local, compute, hidden.device, params.config, lay)
+        losses, st = row_state(local_pass, local, target_ids, target_logprobs, labels, params, group)
+        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        ctx.state, ctx.params, ctx.group = st, params, group
+        ctx.save_for_backward(hidden, weight, bias, scale)
+        if params.reduction == "none":
+            return losses
+        return (losses.sum() * scale).reshape(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, bias, scale = ctx.saved_tensors
+        st, params = ctx.state, ctx.params
+        need_dh, need_dw, need_db = ctx.needs
+        go = grad_output.float().reshape(-1)
+        sc = scale * go  # (1,) for 'mean'/'sum', (N,) for 'none'
+        acc = _compute_dtype(hidden.dtype)
+        n, local = hidden.shape[0], weight.shape[0]
+        dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        db = torch.zeros(local, dtype=acc, device=weight.device) if need_db else None
+        for r0, r1 in _chunks(n, local):
+            h = hidden[r0:r1]
+            x = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+            g = local_grad(x, r0, r1, st, sc, params)
+            del x
+            if need_dh:
+                dh[r0:r1] = g @ weight.to(acc)
+            if need_dw:  # rows that do not count have a zero gradient but may hold NaN hidden states: 0 * nan = nan
+                dw.addmm_(g.t(), h.masked_fill(~st.counted[r0:r1, None], 0.0).to(acc))
+            if need_db:
+                db += g.sum(0)
+        if dh is not None and params.reduce_hidden_grad:
+            dist.all_reduce(dh, group=ctx.group)
+        ctx.state = None
+        return (
+            dh.to(hidden.dtype) if dh is not None else None,
+            dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None,
+            None, None, None, None, None, None,
+        )  # fmt: skip
