@@ -92,15 +92,17 @@ def row_terms(s_k, lq_k, lp, valid, cfg: LossConfig, q_tail=None) -> RowTerms:
         f, _, w = bin_terms(p, lp.clamp_min(LOG_EPS), q, lq_raw, cfg.beta, cfg.kind)
         # 1 - P in float64 from the K log-probs: in fp32 it would round away a teacher tail below ~1e-7
         p_t = (1.0 - lp.double().exp().sum(-1)).clamp_min(0.0).to(p.dtype)
-        q_t_raw = -torch.expm1(q.sum(-1).log()) if q_tail is None else q_tail
+        big_q = q.sum(-1)
+        q_t_raw = -torch.expm1(big_q.log()) if q_tail is None else q_tail
         q_t = q_t_raw.clamp_min(0.0)
         f_t, g_t, _ = bin_terms(p_t, p_t.clamp_min(EPS).log(), q_t, q_t.log(), cfg.beta, cfg.kind)
         g_t = torch.where(q_t_raw > 0, g_t, zero)
         d = torch.where(valid, f, zero).sum(-1) + f_t
         a = torch.where(valid, w, zero)
         big_w = a.sum(-1)
-        # A = sum_k (w_k - g_t q_k) = W - g_t Q, with Q = 1 - q_t exact (the gathered Q would round)
-        return RowTerms(d, big_w - g_t * (1.0 - q_t), a, big_w + g_t * q_t, g_t)
+        # A = sum_k (w_k - g_t q_k) = W - g_t Q from the gathered Q: where the student is diffuse (Q small), 1 - q_t
+        # would lose Q's bits to the rounding of the V-term tail sum
+        return RowTerms(d, big_w - g_t * big_q, a, big_w + g_t * q_t, g_t)
     safe_p = torch.where(big_p > 0, big_p, torch.ones_like(big_p))
     pb = p / safe_p[:, None]
     lpb = (lp - safe_p.log()[:, None]).clamp_min(LOG_EPS)
@@ -142,6 +144,12 @@ def tail_mass(q: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(q, outside)
 
 
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim with an exact normaliser; a NaN or +inf logit makes its row NaN, as in torch's."""
+    m = x.amax(-1, keepdim=True)
+    return x - (m + torch.exp(x - m).sum(-1, keepdim=True).log())
+
+
 def sparse_kl_forward_torch(
     logits: torch.Tensor,
     target_ids: torch.Tensor,
@@ -177,10 +185,12 @@ def sparse_kl_forward_torch(
         x = logits[r0:r1].to(compute)
         s = x * inv_t if inv_t != 1.0 else x
         s_k = s.gather(1, ids_safe)
-        # log_softmax is one fused kernel; its buffer later becomes the gradient (exp_ and mul_ in place).
-        logq = torch.log_softmax(s, dim=-1) if cfg.tail != 2 else None
+        # The log-probabilities' buffer later becomes the gradient (exp_ and mul_ in place). Not torch.log_softmax: on
+        # the CPU its fp32 normaliser is off by ~2e-5 at V = 262,144 (the probabilities sum to 1 + 2e-5), a bias
+        # every gradient column shares and the output layer's dH sums over V columns; logsumexp is exact to ~1e-7.
+        logq = _log_softmax(s) if cfg.tail != 2 else None
         shared = cfg.has_ce and logq is not None and inv_t == 1.0
-        logq1 = (logq if shared else torch.log_softmax(x, dim=-1)) if cfg.has_ce else None
+        logq1 = (logq if shared else _log_softmax(x)) if cfg.has_ce else None
         # log_softmax spreads a NaN or +inf logit over its row (+inf - +inf = nan); tail='restrict' without a
         # cross-entropy reads only the K gathered logits, so it looks at the row once (amax propagates NaN).
         poison = None

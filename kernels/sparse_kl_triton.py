@@ -198,8 +198,8 @@ def _sparse_kl_kernel(
         div = tl.sum(tl.where(valid, f, 0.0), axis=0) + f_t
         a = tl.where(valid, w, 0.0)
         big_w = tl.sum(a, axis=0)
-        # A = W - g_t Q with Q = 1 - q_t exact (the gathered Q would round); A_in = W + g_t q_t, b = g_t
-        big_a = big_w - g_t * (1.0 - q_t)
+        # A = W - g_t Q from the gathered Q (exact where the student is diffuse); A_in = W + g_t q_t, b = g_t
+        big_a = big_w - g_t * tl.sum(q, axis=0)
         big_a_in = big_w + g_t * q_t
         b_in = g_t
     else:
@@ -290,7 +290,7 @@ def _scale_rows_kernel(grad_ptr, grad_stride, go_ptr, go_stride, V, BLOCK_V: tl.
             tl.store(g_row + offs, (x * go).to(grad_ptr.dtype.element_ty), mask=msk)
 
 
-def _launch_params(vocab: int) -> tuple[int, int]:
+def launch_params(vocab: int) -> tuple[int, int]:
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     num_warps = 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
     return block_v, num_warps
@@ -311,7 +311,7 @@ def sparse_kl_forward_triton(
     losses = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return losses
-    block_v, num_warps = _launch_params(vocab)
+    block_v, num_warps = launch_params(vocab)
     block_k = max(16, triton.next_power_of_2(k))
     chunk_k = max(1, min(block_k, 4096 // block_k))
     compute_grad = grad is not None
@@ -342,6 +342,6 @@ def scale_rows_triton(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if n == 0:
         return
     go = grad_output.reshape(-1)
-    block_v, num_warps = _launch_params(vocab)
+    block_v, num_warps = launch_params(vocab)
     _scale_rows_kernel[(n,)](grad, grad.stride(0), go, 0 if go.numel() == 1 else 1, vocab, BLOCK_V=block_v,
                              num_warps=num_warps)

@@ -207,7 +207,7 @@ def row_state(
     terms = row_terms(s_k, lq_k, target_logprobs.to(sums.dtype), lay["valid"], cfg, q_tail)
     if restrict:  # its loss reads only s_k: a NaN or +inf logit elsewhere in the row shows in the exp-sum
         poison = torch.where(torch.isnan(lse_s), float("nan"), 0.0).to(sums.dtype)
-        terms = terms._replace(d=terms.d + poison, a=terms.a + poison[:, None])
+        terms = RowTerms(terms.d + poison, terms.big_a, terms.a + poison[:, None], terms.big_a_in, terms.b)
     row = cfg.soft_weight * terms.d
     lse1 = None
     if cfg.has_ce:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_kl_triton import _launch_params
+from .sparse_kl_triton import launch_params
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -126,7 +126,7 @@ def local_sums(logits: torch.Tensor, st_layout: dict, cfg, compute: torch.dtype)
     if n == 0:
         return out[:, 0].to(compute), sums
     srt, _ = _sorted_local(loc_ids, mine, local)
-    block_v, num_warps = _launch_params(local)
+    block_v, num_warps = launch_params(local)
     _local_sums_kernel[(n,)](
         logits, logits.stride(0), srt, st_layout["counted"].to(torch.int8), out, local, k, inv_t,
         TAIL_SUM=cfg.tail == 0, SEP_CE=cfg.has_ce and inv_t != 1.0,
@@ -162,7 +162,7 @@ def local_grad(logits: torch.Tensor, grad: torch.Tensor, st, scale: torch.Tensor
     srt, fix = _sorted_local(st.loc_ids, st.mine, local, fix)
     label = torch.where(st.lab_mine, st.lab_loc[:, 0], -1) if cfg.has_ce else torch.full((n,), -1, device=soft.device)
     k = srt.shape[1]
-    block_v, num_warps = _launch_params(local)
+    block_v, num_warps = launch_params(local)
     _local_grad_kernel[(n,)](
         logits, logits.stride(0), grad, grad.stride(0), srt, fix, coef, label.to(torch.int64).contiguous(), local, k,
         inv_t, NEED_S=cfg.tail != 2, HAS_CE=cfg.has_ce,

@@ -62,9 +62,10 @@ def test_cache_roundtrip_large_vocab(tmp_path):
     assert ids2.shape == rec["target_ids"].shape and np.isfinite(lp2[ids2 >= 0]).all()
 
 
-def _targets(z, k=K):
-    lp, ids = torch.log_softmax(z + torch.randn_like(z), -1).topk(k, -1)
-    return ids, lp
+def _targets(z, k=K, seed=2):
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+    lp, ids = torch.log_softmax(z.double() + noise, -1).topk(k, -1)
+    return ids, lp.float()
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
@@ -78,7 +79,9 @@ def test_sparse_kl_large_vocab(name):
     (loss * 2.0).backward()
     ref_loss, ref_grad = _reference(z, ids, lp, temperature=2.0)
     _close(loss, ref_loss)
-    _close(x.grad, ref_grad)
+    # tighter than DESIGN's 1e-4: the torch backend's log-normaliser is exact to ~1e-7 here (torch.log_softmax's
+    # fp32 one was off by ~2e-5 at this V, a bias every column of the gradient shared)
+    _close(x.grad, ref_grad, 1e-5 if name == "torch" else 1e-4)
 
 
 def test_fused_linear_large_vocab():
@@ -92,7 +95,7 @@ def test_fused_linear_large_vocab():
     (loss * 2.0).backward()
     ref_loss, ref_grad = _reference(z, ids, lp)
     _close(loss, ref_loss)
-    _close(hh.grad, ref_grad @ w.double())
+    _close(hh.grad, ref_grad @ w.double(), 1e-5)  # dH sums V columns of the gradient: their shared bias adds up
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
