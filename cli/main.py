@@ -68,7 +68,7 @@ def main() -> None:
 def info(path: str, as_json: bool) -> None:
     """Summarise the cache at PATH (a directory or fsspec URL)."""
     from softcache import open_cache
-    from softcache.ops import summary
+    from softcache.ops import describe_extras, summary
 
     cache = _run(open_cache, path)
     s = summary(cache)
@@ -77,7 +77,8 @@ def info(path: str, as_json: bool) -> None:
         return
     width = max(map(len, s))
     for key, value in s.items():
-        click.echo(f"{key:<{width}}  {_fmt(value)}")
+        lines = describe_extras(value) if key == "extras" else [_fmt(value)]
+        click.echo(f"{key:<{width}}  " + ("\n" + " " * (width + 2)).join(lines))
 
 
 @main.command()

@@ -56,3 +56,16 @@ def test_verify_fails_on_an_incomplete_cache_unless_allowed(caches):
     for name in ("built", "written"):
         out = CliRunner().invoke(main, ["verify", "-q", caches[name]])
         assert out.exit_code == 0 and "complete: no" not in out.output, out.output
+
+
+def test_convert_keeps_the_build_state(caches, tmp_path):
+    """A converted interrupted build is still one (not a complete cache "written by CacheWriter"), and back."""
+    from softcache.ops import convert
+
+    zarr = convert(caches["interrupted"], str(tmp_path / "z"), "zarr").manifest.build_state
+    assert zarr == BuildState(complete=False)
+    assert convert(str(tmp_path / "z"), str(tmp_path / "a"), "arrow").manifest.build_state == zarr
+    assert convert(caches["built"], str(tmp_path / "b"), "zarr").manifest.build_state == BuildState(complete=True)
+    assert convert(caches["written"], str(tmp_path / "w"), "zarr").manifest.build_state is None
+    out = CliRunner().invoke(main, ["verify", "-q", str(tmp_path / "a")])
+    assert out.exit_code == 1 and INCOMPLETE in out.output

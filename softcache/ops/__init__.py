@@ -1,7 +1,7 @@
 """Whole-cache operations behind the CLI: ``info`` (:func:`summary`), :func:`verify`, :func:`convert` and ``stats``."""
 
 from .convert import convert
-from .info import completeness, summary
+from .info import completeness, describe_extras, extras_summary, summary
 from .stats import describe, panels, plot_stats, position_stats, text_histogram
 from .verify import VerifyReport, verify
 
@@ -10,6 +10,8 @@ __all__ = [
     "completeness",
     "convert",
     "describe",
+    "describe_extras",
+    "extras_summary",
     "panels",
     "plot_stats",
     "position_stats",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..extras import Attentions, HiddenStates, LossMask
 from ..format.manifest import Manifest
 from ..reader import Cache
 
@@ -17,12 +18,45 @@ def completeness(manifest: Manifest) -> str:
     return "yes" if state.complete else INCOMPLETE
 
 
+def extras_summary(manifest: Manifest) -> dict:
+    """The extra streams the cache holds (:mod:`softcache.extras`), in the manifest's order: name → its settings and,
+    where the manifest fixes it, ``bytes_per_token`` before zstd (attentions: ``"N × L"``, L the sequence's length;
+    none for MLM labels, entropy-coded ids whose size depends on the data). ``{}`` when there are none."""
+    out = {}
+    for extra in manifest.configured_extras():
+        entry = dict(extra.settings())
+        if isinstance(extra, LossMask):
+            entry["bytes_per_token"] = 1 / 8
+        elif isinstance(extra, HiddenStates):
+            entry["bytes_per_token"] = extra.bytes_per_token()
+        elif isinstance(extra, Attentions):  # (heads, L, L) per sequence: per token it grows with the length
+            entry["max_length"] = extra.MAX_LENGTH
+            entry["bytes_per_token"] = f"{extra.bytes_per_token(1):,} × L"
+        out[extra.name] = entry
+    return out
+
+
+def describe_extras(extras: dict) -> list[str]:
+    """:func:`extras_summary` as lines of text, one per extra (``["none"]`` when there are none)."""
+    lines = []
+    for name, entry in extras.items():
+        parts = [f"projected from {value['from']} (seed {value['seed']})" if key == "projection" else f"{key} {value}"
+                 for key, value in entry.items() if key != "bytes_per_token"]  # fmt: skip
+        size = entry.get("bytes_per_token")
+        if isinstance(size, str):
+            size = f"{size} B/token before zstd (L: the sequence's length)"
+        elif size is not None:
+            size = f"{size:,} B/token before zstd"
+        lines.append(f"{name}: " + "; ".join(filter(None, [", ".join(parts), size])))
+    return lines or ["none"]
+
+
 SCANNED_BATCHES = 32
 """Batches a summary decodes, at most, to find a sampled cache's widest stored row."""
 
 
 def summary(cache: Cache) -> dict:
-    """What ``softcache info`` prints: kind, sizes, bytes per token and per entry, teacher."""
+    """What ``softcache info`` prints: kind, extra streams, sizes, bytes per token and per entry, teacher."""
     m = cache.manifest
     tokens, nbytes = cache.num_tokens, cache.num_bytes
     entries = sum(s.entries for s in m.shards) if all(s.entries is not None for s in m.shards) else 0
@@ -36,6 +70,7 @@ def summary(cache: Cache) -> dict:
         "vocab_size": m.vocab_size,
         "temperatures": m.temperatures,
         "samples": m.samples,
+        "extras": extras_summary(m),
         "backend": m.backend,
         "shards": len(m.shards),
         "sequences": len(cache),
