@@ -87,6 +87,18 @@ def _dense_grad(x, inv_t, lse_s, dense_c, lse_z, ce_c, NEED_S: tl.constexpr, HAS
 
 
 @triton.jit
+def block_outside(srt_row, srt, start, offs, V, BLOCK_V: tl.constexpr):
+    """1 - c_j over the block of columns ``offs`` (from ``start``): c_j = the row's slots holding id j. ``srt`` is
+    the row's ids in ascending order (V past the end, also at ``srt_row`` in memory): the block's ids are one range."""
+    outside = tl.full((BLOCK_V,), 1.0, tl.float32)
+    lo = tl.sum((srt < start).to(tl.int32), axis=0)
+    hi = tl.sum(((srt < start + BLOCK_V) & (srt < V)).to(tl.int32), axis=0)
+    for j in range(lo, hi):
+        outside -= tl.where(offs == tl.load(srt_row + j), 1.0, 0.0)
+    return outside
+
+
+@triton.jit
 def _sparse_kl_kernel(
     x_ptr, x_stride, grad_ptr, grad_stride,
     ids_ptr, ids_stride, lp_ptr, lp_stride, labels_ptr, scale_ptr, sorted_ptr,
@@ -138,12 +150,7 @@ def _sparse_kl_kernel(
             d_s = d_s * rescale + tl.sum(e, axis=0)
             m_s = m_new
             if TAIL_SUM:
-                outside = tl.full((BLOCK_V,), 1.0, tl.float32)
-                lo = tl.sum((srt < start).to(tl.int32), axis=0)
-                hi = tl.sum(((srt < start + BLOCK_V) & (srt < V)).to(tl.int32), axis=0)
-                for j in range(lo, hi):
-                    outside -= tl.where(offs == tl.load(srt_row + j), 1.0, 0.0)
-                t_s = t_s * rescale + tl.sum(e * outside, axis=0)
+                t_s = t_s * rescale + tl.sum(e * block_outside(srt_row, srt, start, offs, V, BLOCK_V), axis=0)
         if HAS_CE and not SHARE_LSE:
             m_new = tl.maximum(m_z, tl.max(x, axis=0))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_kl_triton import launch_params
+from .sparse_kl_triton import block_outside, launch_params
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -46,12 +46,7 @@ def _local_sums_kernel(
         e = tl.exp((x - m_safe) * inv_t)
         d_s = d_s * rescale + tl.sum(e, axis=0)
         if TAIL_SUM:
-            outside = tl.full((BLOCK_V,), 1.0, tl.float32)
-            lo = tl.sum((srt < start).to(tl.int32), axis=0)
-            hi = tl.sum(((srt < start + BLOCK_V) & (srt < V)).to(tl.int32), axis=0)
-            for j in range(lo, hi):
-                outside -= tl.where(offs == tl.load(srt_row + j), 1.0, 0.0)
-            t_s = t_s * rescale + tl.sum(e * outside, axis=0)
+            t_s = t_s * rescale + tl.sum(e * block_outside(srt_row, srt, start, offs, V, BLOCK_V), axis=0)
         if SEP_CE:
             d_z = d_z * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
