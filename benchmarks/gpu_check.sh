@@ -9,7 +9,7 @@
 # softcache.cli onto kernels/ and cli/ as pyproject's package-dir does, so nothing is installed and no dependency
 # is resolved. With $OUT set, everything printed is also written to $OUT/gpu_check.log.
 # GPU_CHECK_SMOKE=1 runs it all on a machine without CUDA (tests on the CPU, benchmarks --tiny): plumbing only.
-# Worst case by the timeouts: 30 + 45 + 180 + 90 + 40 + 110 s = 495 s (plus 5 s grace for each kill).
+# Worst case by the timeouts: 30 + 45 + 180 + 90 + 60 + 110 s = 515 s (plus 5 s grace for each kill).
 set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$self")/.." || exit 1
@@ -92,8 +92,8 @@ timeout -k 5 90 "$PY" benchmarks/fused_linear.py "${smoke[@]}"
 fused_rc=$?
 [ "$fused_rc" -ne 0 ] && echo "== fused-linear benchmark rc=$fused_rc (124 = timed out)"
 
-echo "== vocab-parallel benchmark, one rank's slice N=16384 V_local=16032 bf16 (timeout 40 s)"
-timeout -k 5 40 "$PY" benchmarks/vocab_parallel.py "${smoke[@]}"
+echo "== vocab-parallel benchmark, one rank's slice N=16384 V_local=16032 H=4096 bf16 (timeout 60 s)"
+timeout -k 5 60 "$PY" benchmarks/vocab_parallel.py "${smoke[@]}"
 vp_rc=$?
 [ "$vp_rc" -ne 0 ] && echo "== vocab-parallel benchmark rc=$vp_rc (124 = timed out)"
 

@@ -39,10 +39,11 @@ import torch
 from torch import nn
 
 from ._backend import fused_linear_triton, use_triton_for
-from ._common import LossConfig, LossParams, check_targets, counted_rows, flatten_inputs, make_config, row_scale
+from ._common import LossParams, check_targets, counted_rows, flatten_inputs, make_config, row_scale
 from .fused_linear_torch import fused_linear_torch
-from .sparse_kl_torch import row_terms
-from .vocab_parallel import VocabParallelFusedLinearFunction, VocabParallelParams, check_fused_backend, shard_layout
+from .fused_rows import extended_ids, plan, row_coefficients, triton_backward
+from .vocab_parallel import prepare
+from .vocab_parallel_fused import VocabParallelFusedLinearFunction
 
 
 @dataclass(frozen=True)
@@ -50,86 +51,6 @@ class FusedLinearParams(LossParams):
     """``LossParams`` plus the option of :func:`fused_linear_sparse_kl_loss` that only this op has."""
 
     grad_skip_eps: float  # Triton backward: skip tiles whose probabilities are all below this (0: none)
-
-
-def _plan(cfg: LossConfig) -> tuple[bool, bool, bool]:
-    """(need_s, need_z, shared): which log-normalisers the loss needs; shared = the CE reuses lse_s (T = 1)."""
-    need_s = cfg.tail != 2
-    shared = cfg.has_ce and need_s and cfg.temperature == 1.0
-    return need_s, cfg.has_ce and not shared, shared
-
-
-def _extended_ids(target_ids, labels, vocab, cfg):
-    """(N, K [+1]) int32 ids to gather and fix up: -1 where a slot is padding/out of range, the label last with CE."""
-    ids = target_ids.long()
-    ids = torch.where((ids >= 0) & (ids < vocab), ids, torch.full_like(ids, -1))
-    if cfg.has_ce:
-        lab = labels.long()
-        ok = (lab >= 0) & (lab < vocab) & (lab != cfg.ignore_index) & (ids >= 0).any(-1)
-        ids = torch.cat([ids, torch.where(ok, lab, torch.full_like(lab, -1))[:, None]], dim=1)
-    return ids.to(torch.int32).contiguous()
-
-
-def _slot_counts(ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(N, K) float c_k: how many valid slots of the row hold id_k (1 without duplicates; O(N K log K))."""
-    key = torch.where(valid, ids, torch.full_like(ids, -1))
-    srt = key.sort(-1).values
-    return (torch.searchsorted(srt, key, right=True) - torch.searchsorted(srt, key)).float()
-
-
-def _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels, vocab, scale, cfg, q_tail=None):
-    """Per-row losses (N,) and the gradient coefficients: coef (N, K [+1]) at the extended ids, row (7, N) =
-    (max_s, logsum_s, c_s, max_z, logsum_z, c_z, counted), where lse_* = (max, logsum) pairs from the forward kernel
-    (logsumexp = max + logsum, kept apart for accuracy) and max = +inf on rows that do not count (their dense
-    gradient is then exactly 0; backward reads their hidden states as 0), and cin (N, K), the coefficient of
-    softmax(z / T) that replaces c_s at each target id (tail='bucket'; None for the other tails, where the two
-    agree). When the loss needs no log-normaliser (tail='restrict' without CE), ``lse_s`` is still given: NaN
-    log-sums mark rows with a NaN or +inf logit."""
-    need_s, need_z, shared = _plan(cfg)
-    k = target_ids.shape[1]
-    ids = target_ids.long()
-    valid = (ids >= 0) & (ids < vocab)
-    counted = valid.any(-1)
-    if labels is not None:
-        counted = counted & (labels.long() != cfg.ignore_index)
-    inv_t = 1.0 / cfg.temperature
-    s_k = zg[:, :k] * inv_t
-    lq_k = (s_k - lse_s[0][:, None]) - lse_s[1][:, None] if need_s else None
-    terms = row_terms(s_k, lq_k, target_logprobs.float(), valid, cfg, q_tail)
-    d, a = terms.d, terms.a
-    if not need_s and not need_z:  # no log-normaliser carries a NaN or +inf logit into the row: add it
-        poison = torch.where(torch.isnan(lse_s[1]), float("nan"), 0.0)
-        d, a = d + poison, a + poison[:, None]
-    zero = torch.zeros_like(d)
-    row = cfg.soft_weight * d
-    soft = torch.where(counted, scale * (cfg.soft_weight * inv_t), zero)
-    coef = torch.where(valid & counted[:, None], a * soft[:, None], torch.zeros_like(a))  # 0, not 0 * nan
-    c_s = -terms.big_a * soft if need_s else zero
-    cin = None
-    if cfg.tail == 0:  # the support's own coefficient, formed before it meets softmax(z / T): nothing cancels
-        outside = 1.0 - _slot_counts(ids, valid)
-        cin = -(terms.big_a_in[:, None] - terms.b[:, None] * outside) * soft[:, None]
-    c_z = zero
-    if cfg.has_ce:
-        lab = labels.long()
-        lab_ok = counted & (lab >= 0) & (lab < vocab)
-        m_ce, l_ce = lse_s if shared else lse_z
-        row = row + cfg.ce_weight * ((m_ce - zg[:, k]) + l_ce)
-        ce_c = torch.where(lab_ok, scale * cfg.ce_weight, zero)
-        coef = torch.cat([coef, -ce_c[:, None]], dim=1)
-        if shared:
-            c_s = c_s + ce_c
-            cin = cin + ce_c[:, None] if cin is not None else None
-        else:
-            c_z = ce_c
-    inf = torch.full_like(d, float("inf"))
-    m_s, l_s = (torch.where(counted, lse_s[0], inf), torch.where(counted, lse_s[1], zero)) if need_s else (inf, zero)
-    m_z, l_z = (torch.where(counted, lse_z[0], inf), torch.where(counted, lse_z[1], zero)) if need_z else (inf, zero)
-    losses = torch.where(counted, row, zero)
-    stacked = torch.stack([m_s, l_s, c_s, m_z, l_z, c_z, counted.to(d.dtype)])
-    if cin is not None:
-        cin = torch.where(valid & counted[:, None], cin, torch.zeros_like(cin)).contiguous()
-    return losses, coef.contiguous(), stacked.contiguous(), cin
 
 
 class FusedLinearSparseKLFunction(torch.autograd.Function):
@@ -145,14 +66,14 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
         ctx.needs, ctx.params = needs, params
         if params.use_triton:
             ops = fused_linear_triton()
-            need_s, need_z, _ = _plan(cfg)
-            ids_ext = _extended_ids(target_ids, labels, vocab, cfg)
+            need_s, need_z, _ = plan(cfg)
+            ids_ext = extended_ids(target_ids, labels, vocab, cfg)
             # need neither: lse_s is computed anyway, only to see NaN / +inf logits (the matmul dominates the cost)
             lse_s, lse_z, zg, q_tail = ops.fused_forward_triton(
                 hidden, weight, bias, ids_ext, 1.0 / cfg.temperature, need_s or not need_z, need_z,
                 target_ids.shape[1] if cfg.tail == 0 else None,
             )  # fmt: skip
-            losses, coef, row, cin = _row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels,
+            losses, coef, row, cin = row_coefficients(zg, lse_s, lse_z, target_ids, target_logprobs, labels,
                                                        vocab, scale, cfg, q_tail)  # fmt: skip
             ctx.mode = "triton"
             if any_grad:
@@ -183,18 +104,8 @@ class FusedLinearSparseKLFunction(torch.autograd.Function):
                                           ctx.params.config, ctx.needs)  # fmt: skip
         else:
             hidden, weight, bias, ids_ext, coef, row, cin = ctx.saved_tensors
-            cfg = ctx.params.config
-            need_s, need_z, _ = _plan(cfg)
-            coef = coef * (go[:, None] if go.numel() > 1 else go)
-            if cin is not None:
-                cin = cin * (go[:, None] if go.numel() > 1 else go)
-            row = row.clone()
-            row[2] *= go  # the two dense coefficients; maxima and log-sums stay
-            row[5] *= go
-            grads = fused_linear_triton().fused_backward_triton(
-                hidden, weight, bias, ids_ext, coef, row, 1.0 / cfg.temperature, need_s, need_z, ctx.needs,
-                ctx.params.grad_skip_eps, cin,
-            )  # fmt: skip
+            grads = triton_backward(hidden, weight, bias, ids_ext, coef, row, cin, go, ctx.params.config, ctx.needs,
+                                    ctx.params.grad_skip_eps)  # fmt: skip
         return (*grads, None, None, None, None, None)
 
 
@@ -265,7 +176,7 @@ def fused_linear_sparse_kl_loss(
             (V_local,) are this rank's rows, ``hidden`` is the same on every rank, target ids and labels are global.
             The loss (the same on every rank) and the gradients of hidden and of the local weight and bias equal the
             unsharded ones, with two all-reduces of O(N K) in forward and no (N, V) buffer; backward recomputes the
-            local logits chunk by chunk. Torch backend only; ``grad_skip_eps`` does not apply.
+            local logits (torch: chunk by chunk; Triton: tile by tile). ``grad_skip_eps`` does not apply.
         vocab_start, vocab_size: as for :func:`sparse_kl_loss` (default: equal slices in rank order).
         reduce_hidden_grad: with ``process_group``, all-reduce the gradient of ``hidden`` over the group in backward
             (each rank's slice gives a partial sum), so that it equals the unsharded one. Pass False when the layer
@@ -321,14 +232,12 @@ def _vocab_parallel_fused(hidden2d, weight, bias, ids2d, lp2d, labels1d, cfg, *,
                           num_items_in_batch, check_ids, check_inputs, process_group, vocab_start, vocab_size,
                           reduce_hidden_grad):  # fmt: skip
     """:func:`fused_linear_sparse_kl_loss` with ``process_group`` (``vocab_parallel.py``)."""
-    check_fused_backend(backend)
-    start, total = shard_layout(weight.shape[0], process_group, vocab_start, vocab_size)
-    check_targets(total, ids2d, lp2d, labels1d, cfg.ignore_index, ids=check_ids, logprobs=check_inputs)
-    params = VocabParallelParams(
-        config=cfg, reduction=reduction, use_triton=False, vocab_start=start, vocab_size=total,
-        check_ids=bool(check_ids), check_inputs=bool(check_inputs), reduce_hidden_grad=bool(reduce_hidden_grad),
+    params, scale = prepare(
+        hidden2d, weight.shape[0], ids2d, labels1d, cfg, reduction=reduction, backend=backend,
+        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_start=vocab_start,
+        vocab_size=vocab_size, check_ids=check_ids, check_inputs=check_inputs, reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
-    scale = row_scale(reduction, counted_rows(total, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
+    check_targets(params.vocab_size, ids2d, lp2d, labels1d, cfg.ignore_index, ids=check_ids, logprobs=check_inputs)
     return VocabParallelFusedLinearFunction.apply(hidden2d, weight, bias, ids2d, lp2d.detach(), labels1d, scale,
                                                   params, process_group)  # fmt: skip
 

@@ -362,6 +362,7 @@ def fused_backward_triton(
     needs: tuple[bool, bool, bool],
     skip_eps: float,
     cin: torch.Tensor | None = None,
+    fp32_dh: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dH, dW, db) in the dtypes of hidden, weight and bias (None where not needed).
 
@@ -370,6 +371,7 @@ def fused_backward_triton(
     grad_output and the mean's 1/denominator; max = +inf on rows whose dense gradient is 0), and 1 where the row
     counts, 0 where its hidden state is to be read as 0. cin (N, K) fp32 or None (tail='bucket' with dense_s):
     the coefficient of softmax(z / T) at the first K ids_ext (the target ids), in place of the row's dense one.
+    ``fp32_dh``: dH stays in float32 (a vocab-parallel caller sums it over ranks before rounding).
     """
     n, h = hidden.shape
     vocab = weight.shape[0]
@@ -410,7 +412,7 @@ def fused_backward_triton(
         if dw32 is not None:
             dw[v_begin:v_end] = acc
     return (
-        dh32.to(hidden.dtype) if need_dh else None,
+        (dh32 if fp32_dh else dh32.to(hidden.dtype)) if need_dh else None,
         dw,
         db32.to(bias.dtype) if need_db else None,
     )

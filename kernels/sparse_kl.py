@@ -73,7 +73,7 @@ from ._common import (
     row_scale,
 )
 from .sparse_kl_torch import sparse_kl_forward_torch
-from .vocab_parallel import VocabParallelParams, VocabParallelSparseKLFunction, shard_layout
+from .vocab_parallel import VocabParallelSparseKLFunction, prepare
 
 
 @dataclass(frozen=True)
@@ -305,15 +305,11 @@ def _vocab_parallel_loss(logits2d, ids2d, lp2d, labels1d, cfg, *, reduction, bac
                          num_items_in_batch, check_ids, check_inputs, inplace_grad, process_group, vocab_start,
                          vocab_size):  # fmt: skip
     """:func:`sparse_kl_loss` with ``process_group``: the vocab-parallel torch path (``vocab_parallel.py``)."""
-    use_triton = use_triton_for(backend, logits2d.device)
-    if use_triton and logits2d.dtype == torch.float64:
-        raise ValueError("the Triton backend takes float16, bfloat16 or float32; use backend='torch' for float64")
-    start, total = shard_layout(logits2d.shape[1], process_group, vocab_start, vocab_size)
-    params = VocabParallelParams(
-        config=cfg, reduction=reduction, use_triton=use_triton, vocab_start=start, vocab_size=total,
-        check_ids=bool(check_ids), check_inputs=bool(check_inputs), inplace_grad=bool(inplace_grad),
+    params, scale = prepare(
+        logits2d, logits2d.shape[1], ids2d, labels1d, cfg, reduction=reduction, backend=backend,
+        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_start=vocab_start,
+        vocab_size=vocab_size, check_ids=check_ids, check_inputs=check_inputs, inplace_grad=inplace_grad,
     )  # fmt: skip
-    scale = row_scale(reduction, counted_rows(total, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
     return VocabParallelSparseKLFunction.apply(logits2d, ids2d, lp2d.detach(), labels1d, scale, params, process_group)
 
 

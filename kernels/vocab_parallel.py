@@ -1,4 +1,4 @@
-"""Vocab-parallel sparse distillation loss (torch backend): a student whose logits are sharded over the vocabulary.
+"""Vocab-parallel sparse distillation loss: a student whose logits are sharded over the vocabulary.
 
 Megatron-style tensor parallelism: each rank of ``process_group`` holds a contiguous column slice
 ``[vocab_start, vocab_start + V_local)`` of the full (N, V) logits, or of the output layer's weight (the fused form);
@@ -19,11 +19,11 @@ once for the gradient. After the all-reduces every rank holds all per-row quanti
 targets, Q's tail) and computes the row losses and the gradient coefficients redundantly (O(N * K), the row math of
 ``sparse_kl_torch.row_terms``); the gradient of its own columns needs no further communication.
 
-- :func:`sparse_kl_loss` with ``process_group``: the gradient is computed in forward (backward only scales it).
-- :func:`fused_linear_sparse_kl_loss` with ``process_group``: forward keeps the O(N * K) row state; backward
-  recomputes each chunk of local logits, forms its gradient and consumes it into dH, dW_local and db_local. dH is a
-  sum over the ranks' vocabulary slices: one all-reduce of (N, H) in backward, the one any column-parallel output
-  layer needs (``reduce_hidden_grad=False`` leaves it to the caller, e.g. Megatron's copy-to-tensor-parallel region).
+- :func:`sparse_kl_loss` with ``process_group``: the gradient is computed in forward (backward only scales it);
+  torch passes here, Triton ones in ``vocab_parallel_triton.py``.
+- :func:`fused_linear_sparse_kl_loss` with ``process_group``: ``vocab_parallel_fused.py``. dH is a sum over the ranks'
+  vocabulary slices: one all-reduce of (N, H) in backward, the one any column-parallel output layer needs
+  (``reduce_hidden_grad=False`` leaves it to the caller, e.g. Megatron's copy-to-tensor-parallel region).
 
 Every kind and tail is supported (tail='restrict' gathers only the K logits, but still reads the row's exp-sum so a
 NaN or +inf logit anywhere makes the loss NaN, as in the unsharded loss). Not traceable by torch.compile (the
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._backend import vocab_parallel_triton
-from ._common import LossParams, check_targets, keep_grad_and_reduce
+from ._backend import use_triton_for, vocab_parallel_triton
+from ._common import LossParams, check_targets, counted_rows, keep_grad_and_reduce, row_scale
 from .sparse_kl_torch import CHUNK_ELEMENTS, RowTerms, dense_coefficients, outside_counts, row_terms
 
 
@@ -81,15 +81,18 @@ def shard_layout(local_vocab: int, process_group, vocab_start: int | None, vocab
     return start, total
 
 
-def check_fused_backend(backend: str) -> None:
-    """The fused form's vocab-parallel path has no Triton kernel yet: 'triton' raises, 'auto' means torch."""
-    if backend == "triton":
-        raise NotImplementedError(
-            "fused_linear_sparse_kl_loss(process_group=...) runs on the torch backend only; a vocab-parallel fused "
-            "Triton kernel is not built yet: pass backend='torch' or 'auto'"
-        )
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+def prepare(x: torch.Tensor, local: int, ids2d, labels1d, cfg, *, reduction: str, backend: str, num_items_in_batch,
+            process_group, vocab_start, vocab_size, **options) -> tuple[VocabParallelParams, torch.Tensor]:
+    """The params and the mean's scale of a vocab-parallel call (``x``: the logits or hidden states; ``local``: the
+    rank's V_local); ``options``: check_ids, check_inputs and the form's own (inplace_grad, reduce_hidden_grad)."""
+    use_triton = use_triton_for(backend, x.device)
+    if use_triton and x.dtype == torch.float64:
+        raise ValueError("the Triton backend takes float16, bfloat16 or float32; use backend='torch' for float64")
+    start, total = shard_layout(local, process_group, vocab_start, vocab_size)
+    params = VocabParallelParams(config=cfg, reduction=reduction, use_triton=use_triton, vocab_start=start,
+                                 vocab_size=total, **{k: bool(v) for k, v in options.items()})  # fmt: skip
+    scale = row_scale(reduction, counted_rows(total, ids2d, labels1d, cfg.ignore_index), num_items_in_batch)
+    return params, scale
 
 
 @dataclass
@@ -108,7 +111,7 @@ class RowState:
     lab_loc: torch.Tensor | None  # (N, 1) its local column (0 where not mine)
 
 
-def _layout(target_ids, labels, cfg, vocab_start: int, local: int, vocab_size: int) -> dict:
+def layout(target_ids, labels, cfg, vocab_start: int, local: int, vocab_size: int) -> dict:
     ids = target_ids.long()
     valid = (ids >= 0) & (ids < vocab_size)
     end = vocab_start + local
@@ -125,19 +128,17 @@ def _layout(target_ids, labels, cfg, vocab_start: int, local: int, vocab_size: i
     return dict(out, counted=counted, lab_ok=lab_ok, lab_mine=lab_mine, lab_loc=lab_loc)
 
 
-def _chunks(n: int, local: int):
+def row_chunks(n: int, local: int):
     chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, local)))
     for r0 in range(0, n, chunk):
         yield r0, min(n, r0 + chunk)
 
 
 def local_sums(chunk_logits: Callable[[int, int], torch.Tensor], n: int, local: int, compute: torch.dtype,
-               device: torch.device, cfg, lay: dict) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One pass over the local logits: (m_loc (N,), sums (N, K + 4)), the sums shifted by the local maxima.
+               device: torch.device, cfg, lay: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One pass over the local logits: this rank's partials ``(m_s, m_z, sums)`` (see ``reduce_partials``).
 
-    ``chunk_logits(r0, r1)`` returns rows [r0, r1) of the local logits (any float dtype; read once). Columns of
-    ``sums``: [0] sum exp(s - m_loc / T), [1:1+K] s at the target ids on this rank, [1+K] the bucket's tail mass,
-    [2+K] sum exp(z - m_loc) (cross-entropy at T != 1), [3+K] z at the label when it is on this rank.
+    ``chunk_logits(r0, r1)`` returns rows [r0, r1) of the local logits (any float dtype; read once).
     """
     inv_t = 1.0 / cfg.temperature
     sep_ce = cfg.has_ce and inv_t != 1.0  # the cross-entropy (T = 1) needs its own exp-sum
@@ -146,7 +147,7 @@ def local_sums(chunk_logits: Callable[[int, int], torch.Tensor], n: int, local: 
     zero = torch.zeros((), dtype=compute, device=device)
     m = torch.empty(n, dtype=compute, device=device)
     sums = torch.zeros(n, k + 4, dtype=compute, device=device)
-    for r0, r1 in _chunks(n, local):
+    for r0, r1 in row_chunks(n, local):
         x = chunk_logits(r0, r1).to(compute)
         m_loc = x.amax(-1)
         m[r0:r1] = m_loc
@@ -155,7 +156,7 @@ def local_sums(chunk_logits: Callable[[int, int], torch.Tensor], n: int, local: 
         e = torch.exp(s - shift * inv_t)
         sums[r0:r1, 0] = e.sum(-1)
         mk = mine[r0:r1]
-        sums[r0:r1, 1 : 1 + k] = torch.where(mk, s.gather(1, loc_ids[r0:r1]), zero)
+        sums[r0:r1, 1 : 1 + k] = torch.where(mk, x.gather(1, loc_ids[r0:r1]), zero)
         if cfg.tail == 0:
             sums[r0:r1, 1 + k] = torch.linalg.vecdot(e, outside_counts(e, loc_ids[r0:r1], mk))
         if sep_ce:
@@ -164,11 +165,32 @@ def local_sums(chunk_logits: Callable[[int, int], torch.Tensor], n: int, local: 
             z_lab = x.gather(1, lay["lab_loc"][r0:r1])[:, 0]
             sums[r0:r1, 3 + k] = torch.where(lay["lab_mine"][r0:r1], z_lab, zero)
         del x, s, e
-    return m, sums
+    return m * inv_t, m, sums
+
+
+def reduce_partials(m_s: torch.Tensor, m_z: torch.Tensor, sums: torch.Tensor, group) -> tuple[torch.Tensor, ...]:
+    """The two all-reduces: every rank's partials → the row's, in place in ``sums``; returns the global (m_s, m_z).
+
+    Partials of a rank, per row: ``m_s`` the max of its z / T (-inf for an all -inf slice), ``m_z`` the max of its z
+    (used only by column 2 + K), and ``sums`` (N, K + 4): [0] sum exp(z / T - m_s), [1:1+K] z at the target ids it
+    holds (0 at the others), [1+K] the bucket's tail mass on the scale of [0], [2+K] sum exp(z - m_z) (cross-entropy
+    at T != 1), [3+K] z at the label if it holds it. MAX of the maxima, each rank's sums rescaled to them, SUM.
+    """
+    k = sums.shape[1] - 4
+    m_loc = torch.stack([m_s, m_z])
+    m = m_loc.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    # a slice of -inf logits holds 0 (its rescale must not be exp(+inf) * 0)
+    rescale = torch.where(m_loc == float("-inf"), torch.zeros_like(m), torch.exp(m_loc - m))
+    sums[:, 0] *= rescale[0]
+    sums[:, 1 + k] *= rescale[0]
+    sums[:, 2 + k] *= rescale[1]
+    dist.all_reduce(sums, group=group)
+    return m[0], m[1]
 
 
 def row_state(
-    local_pass: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+    local_pass: Callable[[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     local: int,
     target_ids: torch.Tensor,
     target_logprobs: torch.Tensor,
@@ -178,29 +200,18 @@ def row_state(
 ) -> tuple[torch.Tensor, RowState]:
     """Per-row losses (N,) float32 (replicated) and the row state.
 
-    ``local_pass(layout)`` makes this rank's (m_loc, sums) (``local_sums`` or its Triton form); then the MAX and
-    the SUM all-reduce, and the row math.
+    ``local_pass(layout)`` makes this rank's partials (``local_sums`` or its Triton form), ``reduce_partials``
+    combines them, then the row math.
     """
     cfg = params.config
     inv_t = 1.0 / cfg.temperature
     sep_ce = cfg.has_ce and inv_t != 1.0
     k = target_ids.shape[1]
-    lay = _layout(target_ids, labels, cfg, params.vocab_start, local, params.vocab_size)
-    m_loc, sums = local_pass(lay)
-    m = m_loc.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    # rescale the local sums from the local maximum to the global one (a slice of -inf logits holds 0)
-    delta = torch.where(m_loc == float("-inf"), torch.full_like(m, float("-inf")), m_loc - m)
-    rescale_s = torch.exp(delta * inv_t)
-    sums[:, 0] *= rescale_s
-    sums[:, 1 + k] *= rescale_s
-    if sep_ce:
-        sums[:, 2 + k] *= torch.exp(delta)
-    dist.all_reduce(sums, group=group)
-
-    m_s = m * inv_t
+    lay = layout(target_ids, labels, cfg, params.vocab_start, local, params.vocab_size)
+    m_s, m_z, sums = local_pass(lay)
+    m_s, m_z = reduce_partials(m_s, m_z, sums, group)
     lse_s = m_s + sums[:, 0].log()
-    s_k = sums[:, 1 : 1 + k]
+    s_k = sums[:, 1 : 1 + k] * inv_t
     restrict = cfg.tail == 2
     lq_k = None if restrict else s_k - lse_s[:, None]
     q_tail = sums[:, 1 + k] / sums[:, 0] if cfg.tail == 0 else None
@@ -211,7 +222,7 @@ def row_state(
     row = cfg.soft_weight * terms.d
     lse1 = None
     if cfg.has_ce:
-        lse1 = (m + sums[:, 2 + k].log()) if sep_ce else lse_s
+        lse1 = (m_z + sums[:, 2 + k].log()) if sep_ce else lse_s
         row = row - cfg.ce_weight * (sums[:, 3 + k] - lse1)
     losses = torch.where(lay["counted"], row, torch.zeros_like(row)).float()
     state = RowState(lse_s=lse_s, lse1=lse1 if sep_ce else None, terms=terms, **lay)
@@ -252,7 +263,7 @@ def local_grad(x: torch.Tensor, r0: int, r1: int, st: RowState, scale: torch.Ten
     return g
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -264,7 +275,7 @@ class VocabParallelSparseKLFunction(torch.autograd.Function):
         check_targets(params.vocab_size, target_ids, target_logprobs, labels, params.config.ignore_index,
                       ids=params.check_ids, logprobs=params.check_inputs)  # fmt: skip
         n, local = logits.shape
-        compute = _compute_dtype(logits.dtype)
+        compute = compute_dtype(logits.dtype)
         if params.use_triton:
             triton_ops = vocab_parallel_triton()
             local_pass = lambda lay: triton_ops.local_sums(logits, lay, params.config, compute)
@@ -279,7 +290,7 @@ class VocabParallelSparseKLFunction(torch.autograd.Function):
             if params.use_triton:
                 triton_ops.local_grad(logits, grad, st, scale, params.config)
             else:
-                for r0, r1 in _chunks(n, local):
+                for r0, r1 in row_chunks(n, local):
                     grad[r0:r1] = local_grad(logits[r0:r1], r0, r1, st, scale, params)
         ctx.use_triton = params.use_triton
         return keep_grad_and_reduce(ctx, losses, grad, scale, params.reduction)
@@ -289,59 +300,3 @@ class VocabParallelSparseKLFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         torch.ops.softcache.scale_grad_(grad, grad_output.float().contiguous(), ctx.use_triton)
         return grad, None, None, None, None, None, None
-
-
-class VocabParallelFusedLinearFunction(torch.autograd.Function):
-    """``hidden @ weight_local.T + bias_local`` and the loss: forward keeps the row state, backward recomputes."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target_ids, target_logprobs, labels, scale, params: VocabParallelParams,
-                group):  # fmt: skip
-        n, local = hidden.shape[0], weight.shape[0]
-
-        def chunk_logits(r0, r1):
-            h = hidden[r0:r1]
-            return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-
-        compute = _compute_dtype(hidden.dtype)
-        local_pass = lambda lay: local_sums(chunk_logits, n, local, compute, hidden.device, params.config, lay)
-        losses, st = row_state(local_pass, local, target_ids, target_logprobs, labels, params, group)
-        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        ctx.state, ctx.params, ctx.group = st, params, group
-        ctx.save_for_backward(hidden, weight, bias, scale)
-        if params.reduction == "none":
-            return losses
-        return (losses.sum() * scale).reshape(())
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        hidden, weight, bias, scale = ctx.saved_tensors
-        st, params = ctx.state, ctx.params
-        need_dh, need_dw, need_db = ctx.needs
-        go = grad_output.float().reshape(-1)
-        sc = scale * go  # (1,) for 'mean'/'sum', (N,) for 'none'
-        acc = _compute_dtype(hidden.dtype)
-        n, local = hidden.shape[0], weight.shape[0]
-        dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
-        db = torch.zeros(local, dtype=acc, device=weight.device) if need_db else None
-        for r0, r1 in _chunks(n, local):
-            h = hidden[r0:r1]
-            x = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-            g = local_grad(x, r0, r1, st, sc, params)
-            del x
-            if need_dh:
-                dh[r0:r1] = g @ weight.to(acc)
-            if need_dw:  # rows that do not count have a zero gradient but may hold NaN hidden states: 0 * nan = nan
-                dw.addmm_(g.t(), h.masked_fill(~st.counted[r0:r1, None], 0.0).to(acc))
-            if need_db:
-                db += g.sum(0)
-        if dh is not None and params.reduce_hidden_grad:
-            dist.all_reduce(dh, group=ctx.group)
-        ctx.state = None
-        return (
-            dh.to(hidden.dtype) if dh is not None else None,
-            dw.to(weight.dtype) if dw is not None else None,
-            db.to(bias.dtype) if db is not None else None,
-            None, None, None, None, None, None,
-        )  # fmt: skip

@@ -109,9 +109,9 @@ def _sorted_local(loc_ids: torch.Tensor, mine: torch.Tensor, local: int, values:
     return srt.to(torch.int32).contiguous(), vals
 
 
-def local_sums(logits: torch.Tensor, st_layout: dict, cfg, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m_loc (N,), sums (N, K + 4)) as ``vocab_parallel._local_sums`` computes them, with one kernel launch for
-    the dense sums; the gathered columns (K target logits and the label's) are read by PyTorch (O(N * K))."""
+def local_sums(logits: torch.Tensor, st_layout: dict, cfg, compute: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """This rank's partials (m_s, m_z, sums) as ``vocab_parallel.local_sums`` computes them, with one kernel launch
+    for the dense sums; the gathered columns (K target logits and the label's) are read by PyTorch (O(N * K))."""
     n, local = logits.shape
     k = st_layout["loc_ids"].shape[1]
     inv_t = 1.0 / cfg.temperature
@@ -119,7 +119,8 @@ def local_sums(logits: torch.Tensor, st_layout: dict, cfg, compute: torch.dtype)
     out = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     sums = torch.zeros(n, k + 4, dtype=compute, device=logits.device)
     if n == 0:
-        return out[:, 0].to(compute), sums
+        m = out[:, 0].to(compute)
+        return m, m, sums
     srt, _ = _sorted_local(loc_ids, mine, local)
     block_v, num_warps = launch_params(local)
     _local_sums_kernel[(n,)](
@@ -130,11 +131,11 @@ def local_sums(logits: torch.Tensor, st_layout: dict, cfg, compute: torch.dtype)
     out = out.to(compute)
     zero = torch.zeros((), dtype=compute, device=logits.device)
     sums[:, 0], sums[:, 1 + k], sums[:, 2 + k] = out[:, 1], out[:, 2], out[:, 3]
-    sums[:, 1 : 1 + k] = torch.where(mine, logits.gather(1, loc_ids).to(compute) * inv_t, zero)
+    sums[:, 1 : 1 + k] = torch.where(mine, logits.gather(1, loc_ids).to(compute), zero)
     if cfg.has_ce:
         z_lab = logits.gather(1, st_layout["lab_loc"])[:, 0].to(compute)
         sums[:, 3 + k] = torch.where(st_layout["lab_mine"], z_lab, zero)
-    return out[:, 0], sums
+    return out[:, 0] * inv_t, out[:, 0], sums
 
 
 def local_grad(logits: torch.Tensor, grad: torch.Tensor, st, scale: torch.Tensor, cfg) -> None:

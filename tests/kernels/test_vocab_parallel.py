@@ -82,36 +82,40 @@ def _counting_all_reduce(calls):
 def _check_fused(i, case, logits, ids, lp, labels, group, start, end, layout, what):
     """The fused output layer on a row slice of (weight, bias): loss, dH (all-reduced or not), dW and db."""
     kind, tail, dtype, t, alpha, reduction, t2 = case
-    n, vocab, hid = logits.shape[1], logits.shape[2], 7
+    n, vocab, hid, dev = logits.shape[1], logits.shape[2], 7, logits.device
     g = torch.Generator().manual_seed(1000 + i)
-    hidden = torch.randn(1, n, hid, generator=g, dtype=torch.float64).to(dtype)
-    weight = (torch.randn(vocab, hid, generator=g, dtype=torch.float64) * 0.8).to(dtype)
-    bias = (torch.randn(vocab, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    hidden = torch.randn(1, n, hid, generator=g, dtype=torch.float64).to(dev, dtype)
+    weight = (torch.randn(vocab, hid, generator=g, dtype=torch.float64) * 0.8).to(dev, dtype)
+    bias = (torch.randn(vocab, generator=g, dtype=torch.float64) * 0.5).to(dev, dtype)
     opts = dict(kind=kind, tail=tail, temperature=t, alpha=alpha, reduction=reduction, scale_by_t2=t2,
                 labels=labels if alpha < 1 else None, backend="torch")  # fmt: skip
     h_full, w_full, b_full = (x.clone().requires_grad_(True) for x in (hidden, weight, bias))
     ref = fused_linear_sparse_kl_loss(h_full, w_full, ids, lp, b_full, **opts)
-    out_w = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
+    out_w = (torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5).to(dev)
     (ref * out_w.to(ref.dtype)).sum().backward()
-    for reduce in (True, False):
+    runs = [("torch", True), ("torch", False)]
+    if (TRITON or dev.type == "cuda") and dtype != torch.float64:
+        runs += [("triton", True), ("triton", False)]
+    for name, reduce in runs:
         h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight[start:end], bias[start:end]))
         calls = []
         real = dist.all_reduce
         dist.all_reduce = _counting_all_reduce(calls)
         try:
             out = fused_linear_sparse_kl_loss(h, w, ids, lp, b, process_group=group, reduce_hidden_grad=reduce,
-                                              **layout, **opts)  # fmt: skip
+                                              **layout, **{**opts, "backend": name})  # fmt: skip
             (out * out_w.to(out.dtype)).sum().backward()
         finally:
             dist.all_reduce = real
         assert calls == [dist.ReduceOp.MAX, dist.ReduceOp.SUM] + [dist.ReduceOp.SUM] * reduce, (what, calls)
-        _close(out.detach(), ref.detach(), what + f" fused loss reduce={reduce}")
+        run = f"{what} fused {name} reduce={reduce}"
+        _close(out.detach(), ref.detach(), run + " loss")
         dh = h.grad.clone()
         if not reduce:  # each rank holds its slice's part of dH
             dist.all_reduce(dh, group=group)
-        _close(dh, h_full.grad, what + f" fused dH reduce={reduce}")
-        _close(w.grad, w_full.grad[start:end], what + " fused dW")
-        _close(b.grad, b_full.grad[start:end], what + " fused db")
+        _close(dh, h_full.grad, run + " dH")
+        _close(w.grad, w_full.grad[start:end], run + " dW")
+        _close(b.grad, b_full.grad[start:end], run + " db")
 
 
 def _run_cases(rank, world, bounds):
@@ -194,8 +198,12 @@ def _run_cases(rank, world, bounds):
     _close(module(hidden, full_w[rank * 4 : (rank + 1) * 4], ids, lp), expected, "fused module")
 
     # refused configurations, with messages that say what is supported
-    with pytest.raises(NotImplementedError, match="torch backend only"):
-        fused_linear_sparse_kl_loss(hidden, full_w[:4], ids, lp, process_group=group, backend="triton")
+    if TRITON:
+        with pytest.raises(ValueError, match="float64"):
+            sparse_kl_loss(local.double(), ids, lp, process_group=group, backend="triton")
+        with pytest.raises(ValueError, match="float64"):
+            fused_linear_sparse_kl_loss(hidden.double(), full_w[:4].double(), ids, lp, process_group=group,
+                                        backend="triton")  # fmt: skip
     with pytest.raises(ValueError, match="vocab_size"):
         sparse_kl_loss(local, ids, lp, process_group=group, vocab_size=4 * world + 1)
     bad = ids.clone()
@@ -266,5 +274,9 @@ def test_vocab_parallel_on_cuda():
                     out.sum().backward()
                     _close(out.detach(), ref.detach(), f"case {i} {name} loss")
                     _close(x.grad, full.grad, f"case {i} {name} grad")
+                if i in FUSED:  # the fused form on the GPU: Triton against the torch backend, both vocab-parallel
+                    layout = dict(vocab_start=0, vocab_size=logits.shape[-1])
+                    _check_fused(i, (kind, tail, dtype, t, alpha, reduction, t2), logits, ids, lp, labels,
+                                 dist.group.WORLD, 0, logits.shape[-1], layout, f"cuda case {i}")
         finally:
             dist.destroy_process_group()
