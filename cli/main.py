@@ -56,7 +56,7 @@ def main() -> None:
     softcache build            build a cache (no arguments: the demo cache)
     softcache generate         teacher answers to prompts, with its targets at every generated token
     softcache info PATH        what a cache holds, bytes per token
-    softcache verify PATH      check every shard's checksum and structure
+    softcache verify PATH      check every shard (and generations.jsonl) against the manifest
     softcache convert SRC DST  copy a cache to the other backend, losslessly
     softcache stats PATH       teacher mass, tail mass and entropy histograms
     """
@@ -83,27 +83,35 @@ def info(path: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("path")
-@click.option("--no-decode", is_flag=True, help="Only checksums and batch CRCs; skip decoding every batch.")
+@click.option("--no-decode", is_flag=True,
+              help="Only checksums (the recorded files' too) and batch CRCs; skip decoding every batch.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("--allow-incomplete", is_flag=True, help="Exit 0 on an interrupted build whose shards are sound.")
 def verify(path: str, no_decode: bool, quiet: bool, allow_incomplete: bool) -> None:
     """Check every shard of PATH: presence, size and SHA-256 against the manifest, each batch's CRC,
-    and that every batch decodes. Exit 1, naming each damaged shard, on any problem, and on a cache
-    whose build was interrupted (unless --allow-incomplete)."""
+    and that every batch decodes; and the files the manifest records beside the shards (softcache generate's
+    generations.jsonl): present, regular files, of the recorded SHA-256. Exit 1, naming each damaged shard or
+    file and the fix, on any problem, and on a cache whose build was interrupted (unless --allow-incomplete)."""
     from softcache.ops import verify as verify_cache
 
     progress = None if quiet else (lambda i, name: click.echo(f"checking {name}", err=True))
     report = _run(verify_cache, path, decode=not no_decode, progress=progress)
-    for name, problem in report.problems:
+    for name, problem in report.problems + report.file_problems:
         click.echo(f"{name}: {problem}", err=True)
     click.echo(f"complete: {report.complete}")
     if not report.ok:
-        _fail(f"{len(report.problems)} of {report.shards_checked} shards damaged in {path}")
+        damaged = [f"{len(report.problems)} of {report.shards_checked} shards damaged"] if report.problems else []
+        if report.file_problems:
+            names = ", ".join(name for name, _ in report.file_problems)
+            damaged.append(f"{len(report.file_problems)} of {report.files_checked} files the manifest records beside "
+                           f"the shards missing or altered ({names})")  # fmt: skip
+        _fail(" and ".join(damaged) + f" in {path}")
     incomplete = report.complete.startswith("no")
     if incomplete and not allow_incomplete:
         _fail(f"{path} is an interrupted build: rerun the softcache build command that wrote it to finish it, or "
               "pass --allow-incomplete to accept the sequences written so far")
-    click.echo(f"ok: {report.shards_checked} shards, {report.batches_checked} batches verified"
+    files = f", {report.files_checked} recorded files" if report.files_checked else ""
+    click.echo(f"ok: {report.shards_checked} shards, {report.batches_checked} batches{files} verified"
                + (" (incomplete)" if incomplete else ""))
 
 

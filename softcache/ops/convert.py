@@ -4,57 +4,13 @@ files beside the shards that the manifest records (``softcache generate``'s ``ge
 from __future__ import annotations
 
 import copy
-import hashlib
 
 from ..errors import CacheFormatError
 from ..format import get_backend, join
-from ..format.fs import check_plain_file, tmp_name
-from ..format.manifest import check_shard_name
+from ..format.fs import tmp_name
 from ..reader import Cache, open_cache
 from ..writer import CacheWriter
-
-RECORDED_FILES = {"generated_text": "softcache generate"}
-"""Keys of the manifest's metadata naming a file inside the cache, ``{"file": name, "sha256": digest, ...}``, that
-belongs to the cache and travels with it → the command that writes it (again, when it is missing)."""
-
-
-def recorded_files(cache: Cache) -> list[tuple[str, str]]:
-    """(name, SHA-256) of the files beside the shards that the manifest records (:data:`RECORDED_FILES`), each checked
-    present, a regular file and of the recorded digest; a CacheFormatError names a missing or altered one."""
-    out = []
-    for key, command in RECORDED_FILES.items():
-        record = cache.manifest.metadata.get(key)
-        if record is None:
-            continue
-        where = f"{cache.url}: metadata.{key}"
-        name = check_shard_name(record.get("file") if isinstance(record, dict) else None, where)
-        path = join(cache.root, name)
-        if not cache.fs.exists(path):
-            raise CacheFormatError(f"{path} is missing ({where} records it); rerun the {command} command that wrote "
-                                   f"{cache.url} to write it again, then convert")  # fmt: skip
-        check_plain_file(cache.fs, path, where)
-        if _copy(cache.fs, path) != record.get("sha256"):
-            raise CacheFormatError(f"{path} does not match the SHA-256 the manifest records ({where}): it was edited "
-                                   f"or damaged; delete it and rerun the {command} command that wrote {cache.url} to "
-                                   "write it again, then convert")  # fmt: skip
-        out.append((name, record["sha256"]))
-    return out
-
-
-def _copy(fs, path: str, out_fs=None, out_path: str | None = None) -> str:
-    """SHA-256 of the file ``path``, copied on the way to ``out_path`` on ``out_fs`` if given."""
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        out = out_fs.open(out_path, "wb") if out_fs is not None else None
-        try:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-                if out is not None:
-                    out.write(chunk)
-        finally:
-            if out is not None:
-                out.close()
-    return digest.hexdigest()
+from .recorded import hash_file, recorded_files
 
 
 def convert(src, dst, backend: str, storage_options: dict | None = None, progress=None) -> Cache:
@@ -63,7 +19,7 @@ def convert(src, dst, backend: str, storage_options: dict | None = None, progres
     records beside them (``generations.jsonl``) byte for byte, and a build's state once every shard is in."""
     get_backend(backend)
     cache = open_cache(src, storage_options=storage_options)
-    files = recorded_files(cache)  # checked before anything is written
+    files = recorded_files(cache, then="convert")  # checked before anything is written
     writer = CacheWriter.like(cache.manifest, dst, backend=backend, storage_options=storage_options)
     problem = None
     if writer.manifest.fixed()["codec"] != cache.manifest.codec:
@@ -76,7 +32,7 @@ def convert(src, dst, backend: str, storage_options: dict | None = None, progres
     with writer:
         for name, sha256 in files:  # under a temporary name, then renamed: never half a file under its own name
             tmp = join(writer.root, tmp_name(name))
-            if _copy(cache.fs, join(cache.root, name), writer.fs, tmp) != sha256:
+            if hash_file(cache.fs, join(cache.root, name), writer.fs, tmp) != sha256:
                 writer.fs.rm(tmp)
                 raise CacheFormatError(f"{join(cache.root, name)} changed while it was copied; convert again")
             writer.fs.mv(tmp, join(writer.root, name))

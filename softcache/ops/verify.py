@@ -1,5 +1,6 @@
 """``softcache verify``: every shard present, of the recorded size and SHA-256, every batch's CRC, and every batch
-decoding to the counts the manifest records."""
+decoding to the counts the manifest records; and the files the manifest records beside the shards (``softcache
+generate``'s ``generations.jsonl``) present, regular files and of the recorded SHA-256."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ..errors import CorruptShardError
 from ..format import join, shard_digest
 from ..reader import Cache
 from .info import completeness
+from .recorded import check_recorded_files
 
 
 @dataclass
@@ -16,19 +18,28 @@ class VerifyReport:
     shards_checked: int = 0
     batches_checked: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
+    """(shard, what is wrong with it) for each damaged shard."""
     complete: str = "yes"
     """:func:`softcache.ops.completeness`: "yes…", or "no (interrupted build; …)" for a build that did not finish."""
+    files_checked: int = 0
+    """Files beside the shards that the manifest records (``generations.jsonl``), sound or not."""
+    file_problems: list[tuple[str, str]] = field(default_factory=list)
+    """(file, what is wrong and the fix) for each recorded file that is missing, edited or replaced (e.g. by a
+    symlink): not a damaged shard, but the cache is not as its manifest says."""
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.file_problems
 
 
 def verify(path_or_url, storage_options: dict | None = None, decode: bool = True, progress=None) -> VerifyReport:
     """Check every shard: present, size and SHA-256 as in the manifest, every batch's CRC, and (with
     ``decode``) that every batch decodes to the counts the manifest records. Problems are collected,
-    each naming its shard; the manifest itself must load (else :class:`CacheFormatError`). ``report.complete``
-    says whether the build that wrote the cache finished (an interrupted one is not a problem of the shards)."""
+    each naming its shard; the manifest itself must load (else :class:`CacheFormatError`). The files the manifest
+    records beside the shards are checked too (:func:`~softcache.ops.recorded.check_recorded_files`, decoding or
+    not), their problems in ``report.file_problems``. ``progress(i, name)`` is called before each shard, then each
+    recorded file. ``report.complete`` says whether the build that wrote the cache finished (an interrupted one is not
+    a problem of the shards)."""
     cache = Cache(path_or_url, storage_options=storage_options, max_cached_batches=1)
     fs, root = cache.fs, cache.root
     report = VerifyReport(complete=completeness(cache.manifest))
@@ -62,5 +73,8 @@ def verify(path_or_url, storage_options: dict | None = None, decode: bool = True
                 report.problems.append((name, f"holds {tokens} tokens, the manifest says {entry.tokens}"))
         except (CorruptShardError, ValueError, IndexError) as e:
             report.problems.append((name, str(e)))
+    step = None if progress is None else (lambda i, name: progress(report.shards_checked + i, name))
+    sound, report.file_problems = check_recorded_files(cache, progress=step)
+    report.files_checked = len(sound) + len(report.file_problems)
     cache.close()
     return report

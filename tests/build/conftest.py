@@ -94,3 +94,27 @@ def data(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     docs = ["".join(rng.choice(TEXT, size=int(rng.integers(1, 4)))) for _ in range(24)]
     return write_jsonl(tmp_path_factory.mktemp("data") / "docs.jsonl", docs)
+
+
+@pytest.fixture(scope="module")
+def generation(tmp_path_factory):
+    """A tiny ``softcache generate`` cache (two prompts, two samples each, a few tokens) in several Arrow shards →
+    (its folder, a function that reruns the same generate command into a given folder)."""
+    import pandas as pd
+
+    import softcache
+    from softcache.build.generate import generate
+    from softcache.demo import corpus_path, teacher_path
+
+    texts = pd.read_parquet(corpus_path("validation"))["text"].tolist()
+    root = tmp_path_factory.mktemp("generated")
+    prompts = write_jsonl(root / "prompts.jsonl", [texts[0][:40], texts[1][:25]], field="prompt")
+
+    def run(out):
+        return generate(str(teacher_path()), str(prompts), str(out), max_new_tokens=6, num_return_sequences=2, k=4,
+                        batch_size=2, shard_tokens=32, quiet=True)  # fmt: skip
+
+    run(root / "cache")
+    assert len(softcache.open_cache(root / "cache").manifest.shards) > 1
+    return root / "cache", run
+

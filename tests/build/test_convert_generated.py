@@ -7,28 +7,19 @@ from __future__ import annotations
 import json
 import shutil
 
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 from softcache.cli.main import main
 
 import softcache
-from softcache.build.generate import TEXTS_NAME, generate
-from softcache.demo import corpus_path, teacher_path
+from softcache.build.generate import TEXTS_NAME
 from softcache.errors import CacheFormatError
 from softcache.ops import convert, verify
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory, write_jsonl):
-    """A tiny generation (two prompts, two samples each, a few tokens) in several Arrow shards."""
-    texts = pd.read_parquet(corpus_path("validation"))["text"].tolist()
-    root = tmp_path_factory.mktemp("generated")
-    prompts = write_jsonl(root / "prompts.jsonl", [texts[0][:40], texts[1][:25]], field="prompt")
-    generate(str(teacher_path()), str(prompts), str(root / "cache"), max_new_tokens=6, num_return_sequences=2, k=4,
-             batch_size=2, shard_tokens=32, quiet=True)  # fmt: skip
-    assert len(softcache.open_cache(root / "cache").manifest.shards) > 1
-    return root / "cache"
+def generated(generation):
+    return generation[0]
 
 
 def test_convert_carries_the_generated_text_both_ways(generated, tmp_path, assert_same_cache):
