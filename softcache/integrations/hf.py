@@ -137,18 +137,18 @@ class DistillationMixin:
             is :func:`~softcache.integrations.online.collate_inputs`. ``teacher_k``, ``teacher_targets``,
             ``teacher_samples``: the targets it gives, as a cache's ``k``, ``targets``, ``samples``
             (:class:`~softcache.integrations.online.OnlineTeacher`).
-        alpha_hidden, alpha_attention, hidden_kind, layer_map, projection: the feature terms for caches with hidden
-            states / attention maps (see :class:`~softcache.integrations.loss.DistillationLoss`); ``projection`` is
-            attached to the model (``distillation_projection``) so the optimizer trains it. Logged as
-            ``hidden_loss`` / ``attention_loss``.
+        alpha_hidden, alpha_attention, hidden_kind, attention_kind, layer_map, projection: the feature terms for
+            caches with hidden states / attention maps (see :class:`~softcache.integrations.loss.DistillationLoss`);
+            ``projection`` is attached to the model (``distillation_projection``) so the optimizer trains it. Logged
+            as ``hidden_loss`` / ``attention_loss``.
         causal: False trains a masked LM without the label shift (masked-LM caches, ``--objective mlm``); default:
             from the datasets (give it for datasets that cannot tell, e.g. ``to_hf_dataset(..., decoded=True)``).
     """
 
     def __init__(self, *args, temperature=None, alpha=1.0, kind="forward_kl", tail="bucket", beta=0.5, fused="auto",
                  vocab_size=None, teacher=None, teacher_k=64, teacher_targets="topk", teacher_samples=None,
-                 alpha_hidden=0.0, alpha_attention=0.0, hidden_kind="mse", layer_map=None, projection=None,
-                 causal=None, **kwargs):  # fmt: skip
+                 alpha_hidden=0.0, alpha_attention=0.0, hidden_kind="mse", attention_kind="mse", layer_map=None,
+                 projection=None, causal=None, **kwargs):  # fmt: skip
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = collate if teacher is None else collate_inputs
         super().__init__(*args, **kwargs)
@@ -171,8 +171,9 @@ class DistillationMixin:
         self.distillation = DistillationLoss.for_datasets(
             self.accelerator.unwrap_model(self.model), datasets, temperature=temperature, vocab_size=vocab_size,
             tokenizer=_tokenizer(self), alpha=alpha, kind=kind, tail=tail, beta=beta, fused=fused,
-            alpha_hidden=alpha_hidden, alpha_attention=alpha_attention, hidden_kind=hidden_kind, layer_map=layer_map,
-            projection=projection, **({} if causal is None else {"causal": causal}),
+            alpha_hidden=alpha_hidden, alpha_attention=alpha_attention, hidden_kind=hidden_kind,
+            attention_kind=attention_kind, layer_map=layer_map, projection=projection,
+            **({} if causal is None else {"causal": causal}),
         )  # fmt: skip
         if projection is not None:
             attach_projection(self.accelerator.unwrap_model(self.model), projection, self.args.device)

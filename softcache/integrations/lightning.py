@@ -43,15 +43,15 @@ class DistillationModule(L.LightningModule):
             :func:`~softcache.integrations.online.collate_inputs`). It is a frozen submodule (moved with the module,
             kept in eval mode, not optimised). ``teacher_k``, ``teacher_targets``, ``teacher_samples``, ``seed``: the
             targets it gives (:class:`~softcache.integrations.online.OnlineTeacher`).
-        alpha_hidden, alpha_attention, hidden_kind, layer_map, projection: the feature terms for caches with hidden
-            states / attention maps (:class:`~softcache.integrations.loss.DistillationLoss`); ``projection`` becomes a
-            submodule of ``model`` so the optimizer trains it.
+        alpha_hidden, alpha_attention, hidden_kind, attention_kind, layer_map, projection: the feature terms for
+            caches with hidden states / attention maps (:class:`~softcache.integrations.loss.DistillationLoss`);
+            ``projection`` becomes a submodule of ``model`` so the optimizer trains it.
     """
 
     def __init__(self, model, *, dataset=None, temperature=None, alpha=1.0, kind="forward_kl", tail="bucket",
                  beta=0.5, fused="auto", learning_rate=1e-3, weight_decay=0.0, teacher=None, teacher_k=64,
                  teacher_targets="topk", teacher_samples=None, seed=0, alpha_hidden=0.0, alpha_attention=0.0,
-                 hidden_kind="mse", layer_map=None, projection=None):  # fmt: skip
+                 hidden_kind="mse", attention_kind="mse", layer_map=None, projection=None):  # fmt: skip
         super().__init__()
         self.model = model
         self.teacher = teacher
@@ -65,6 +65,7 @@ class DistillationModule(L.LightningModule):
                                                           kind=kind, tail=tail, beta=beta, fused=fused,
                                                           vocab_size=vocab_size, alpha_hidden=alpha_hidden,
                                                           alpha_attention=alpha_attention, hidden_kind=hidden_kind,
+                                                          attention_kind=attention_kind,
                                                           layer_map=layer_map, projection=projection)  # fmt: skip
         if projection is not None:
             attach_projection(model, projection)

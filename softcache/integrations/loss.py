@@ -23,6 +23,7 @@ from softcache.kernels import (
     hidden_state_loss,
     sparse_kl_loss,
 )
+from softcache.kernels.features import ATTENTION_KINDS
 from softcache.kernels.hf import final_hidden_states, output_layer, shift_labels
 
 
@@ -63,6 +64,8 @@ class DistillationLoss:
             ``teacher_attentions`` (caches built with ``--hidden-states`` / ``--attentions``): the loss becomes
             ``KD + alpha_hidden · mean over layers of hidden_state_loss + alpha_attention · mean of attention_loss``.
         hidden_kind: ``mse`` (TinyBERT) or ``cosine`` (DistilBERT) for the hidden-state term.
+        attention_kind: ``mse`` (TinyBERT, on probabilities) or ``kl`` (MiniLM: KL(teacher ‖ student) per query row)
+            for the attention term (``softcache.kernels.attention_loss``).
         layer_map: ``{student layer: teacher layer}`` of ``output_hidden_states`` indices (attention layers use
             ``student − 1: teacher − 1``), e.g. ``softcache.kernels.uniform_layer_map``; the cache may store more
             layers than it uses. Default: every stored layer with the student's layer of the same index.
@@ -87,6 +90,7 @@ class DistillationLoss:
     alpha_hidden: float = 0.0
     alpha_attention: float = 0.0
     hidden_kind: str = "mse"
+    attention_kind: str = "mse"
     layer_map: dict | None = None
     projection: torch.nn.Module | None = None
     causal: bool = True
@@ -96,6 +100,8 @@ class DistillationLoss:
             raise ValueError(f"fused must be True, False or 'auto', got {self.fused!r}")
         if not self.causal and self.fused is True:
             raise ValueError("fused=True is for causal LMs; a masked LM (causal=False) trains on its logits")
+        if self.attention_kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention_kind must be one of {ATTENTION_KINDS}, got {self.attention_kind!r}")
 
     @classmethod
     def for_datasets(cls, model, datasets, *, temperature=None, vocab_size=None, tokenizer=None,
@@ -251,6 +257,9 @@ class DistillationLoss:
             if maps is None or any(a is None for a in maps):
                 raise ValueError("the student returned no attention maps; load it with attn_implementation='eager'")
             stored = batch["teacher_attentions"]
-            losses = [attention_loss(maps[s], stored[t], mask=mask) for s, t in self._pairs(stored, 1)]
+            losses = [
+                attention_loss(maps[s], stored[t], kind=self.attention_kind, mask=mask)
+                for s, t in self._pairs(stored, 1)
+            ]
             terms["attention_loss"] = torch.stack(losses).mean()
         return terms

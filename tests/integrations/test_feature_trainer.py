@@ -78,3 +78,87 @@ def test_training_trains_the_projection_and_logs_the_terms(feature_cache, argume
     assert not torch.equal(projection.weight.detach().cpu(), before)
     logged = [entry for entry in trainer.state.log_history if "hidden_loss" in entry]
     assert logged and all("attention_loss" in entry for entry in logged)
+
+
+ATTENTION_MAP = {0: 0, 1: 1, 2: 3}  # hidden-state indices: student attention layers 0 ↔ 0 and 1 ↔ 2
+
+
+@pytest.fixture(scope="module")
+def attention_cache(tmp_path_factory):
+    """Teacher attention maps of three layers (stored in bf16) for sequences of ragged lengths."""
+    path = str(tmp_path_factory.mktemp("attentions") / "cache")
+    rng = np.random.default_rng(6)
+    extras = [Attentions([0, 1, 2], HEADS)]
+    with softcache.CacheWriter(path, vocab_size=V, k=K, temperatures=(2.0,), extras=extras) as w:
+        for length in (7, 12, 5, 10):
+            maps = {}
+            for layer in (0, 1, 2):
+                scores = rng.normal(size=(HEADS, length, length)) * 2 + np.triu(np.full((length, length), -np.inf), 1)
+                attn = np.exp(scores - scores.max(-1, keepdims=True))
+                maps[layer] = attn / attn.sum(-1, keepdims=True)
+            logits = (rng.standard_normal((length, V)) * 2).astype(np.float32)
+            w.write_logits(rng.integers(0, V, length), logits, extras={"attentions": maps})
+    return path
+
+
+def expected_attention_term(model, batch, kind):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
+    stored, mask = batch["teacher_attentions"], batch["attention_mask"]
+    losses = [attention_loss(out.attentions[0], stored[0], kind=kind, mask=mask),
+              attention_loss(out.attentions[1], stored[2], kind=kind, mask=mask)]  # fmt: skip
+    return torch.stack(losses).mean()
+
+
+def test_attention_kind_reaches_the_trainer_loss(attention_cache, arguments, tmp_path):
+    ds = softcache.SoftTargetDataset(attention_cache, temperature=2.0)
+    batch = softcache.collate([ds[i] for i in range(len(ds))])
+    model = student()
+    kd, _, _ = DistillationLoss(temperature=2.0, fused=False)(model, batch)
+    got = {}
+    for kind in ("mse", "kl"):
+        trainer = DistillationTrainer(model=model, args=arguments(tmp_path), train_dataset=ds, fused=False,
+                                      alpha_attention=2.0, attention_kind=kind, layer_map=ATTENTION_MAP)  # fmt: skip
+        got[kind] = trainer.compute_loss(model, batch).item()
+        expected = kd + 2.0 * expected_attention_term(model, batch, kind)
+        assert got[kind] == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(got["kl"] - got["mse"]) > 0.1  # the KL term is far larger than the probabilities' MSE
+
+
+def test_attention_kind_is_logged(attention_cache, arguments, tmp_path):
+    ds = softcache.SoftTargetDataset(attention_cache, temperature=2.0)
+    batch = softcache.collate([ds[i] for i in range(len(ds))])
+    logged = {}
+    for kind in ("mse", "kl"):
+        model = student()
+        with torch.no_grad():
+            expected = expected_attention_term(model, batch, kind).item()
+        args = arguments(tmp_path / kind, per_device_train_batch_size=len(ds), logging_steps=1)  # one batch: all
+        trainer = DistillationTrainer(model=model, args=args, train_dataset=ds, alpha_attention=1.0,
+                                      attention_kind=kind, layer_map=ATTENTION_MAP)  # fmt: skip
+        trainer.train()
+        logged[kind] = next(entry for entry in trainer.state.log_history if "attention_loss" in entry)["attention_loss"]
+        assert logged[kind] == pytest.approx(expected, rel=1e-4)
+    assert logged["kl"] > 10 * logged["mse"]
+
+
+def test_attention_kind_reaches_the_lightning_module(attention_cache):
+    from softcache.integrations.lightning import DistillationModule
+
+    ds = softcache.SoftTargetDataset(attention_cache, temperature=2.0)
+    batch = softcache.collate([ds[i] for i in range(len(ds))])
+    model = student()
+    for kind in ("mse", "kl"):
+        module = DistillationModule(model, dataset=ds, fused=False, alpha_attention=1.0, attention_kind=kind,
+                                    layer_map=ATTENTION_MAP)  # fmt: skip
+        _, terms = module.distillation_loss(batch)
+        expected = expected_attention_term(model, batch, kind)
+        assert terms["attention_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_invalid_attention_kind(attention_cache, arguments, tmp_path):
+    ds = softcache.SoftTargetDataset(attention_cache, temperature=2.0)
+    with pytest.raises(ValueError, match=r"attention_kind must be one of \('mse', 'kl'\), got 'cosine'"):
+        DistillationTrainer(model=student(), args=arguments(tmp_path), train_dataset=ds, alpha_attention=1.0,
+                            attention_kind="cosine")  # fmt: skip
+    with pytest.raises(ValueError, match=r"\('mse', 'kl'\)"):
+        DistillationLoss(attention_kind="KL")
