@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_INTERPRET unset: kernels must be jitted"
@@ -112,10 +115,23 @@ def _exercise(quick: bool) -> None:
             vpt.local_grad(z, torch.empty_like(z), st, scale, cfg)
 
 
+def _resources(cubin: bytes) -> str:
+    """'REG:n STACK:n ...' of a cubin, from the cuobjdump that ships with triton."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:\d+ STACK:\d+", out)
+    return found.group(0) if found else "resources: n/a"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200), 80 (A100)")
     ap.add_argument("--quick", action="store_true", help="bf16 and one kind: the variants a test can afford")
+    ap.add_argument("--resources", action="store_true",
+                    help="also print each variant's registers per thread and spill stack (cuobjdump on the cubin)")
     args = ap.parse_args()
     real_run = JITFunction.run
     JITFunction.run = _record
@@ -133,8 +149,10 @@ def main() -> int:
         seen.add(key)
         label = f"{fn.__name__} {' '.join(f'{k}={v}' for k, v in constexprs.items())} num_warps={warps}"
         try:
-            triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=target, options={"num_warps": warps})
-            print("ok  ", label, flush=True)
+            compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=target,
+                                      options={"num_warps": warps})  # fmt: skip
+            usage = f"  [{_resources(compiled.asm['cubin'])}]" if args.resources else ""
+            print("ok  ", label + usage, flush=True)
         except Exception:  # report every variant, then fail
             failed += 1
             print("FAIL", label, flush=True)
