@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from ._backend import use_triton_for, vocab_parallel_triton
 from ._common import LossParams, check_targets, counted_rows, keep_grad_and_reduce, row_scale
-from .sparse_kl_torch import CHUNK_ELEMENTS, RowTerms, dense_coefficients, outside_counts, row_terms
+from .sparse_kl_torch import CHUNK_ELEMENTS, RowTerms, dense_coefficients, outside_counts, row_terms, tail_mass
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def local_sums(chunk_logits: Callable[[int, int], torch.Tensor], n: int, local: 
         mk = mine[r0:r1]
         sums[r0:r1, 1 : 1 + k] = torch.where(mk, x.gather(1, loc_ids[r0:r1]), zero)
         if cfg.tail == 0:
-            sums[r0:r1, 1 + k] = torch.linalg.vecdot(e, outside_counts(e, loc_ids[r0:r1], mk))
+            sums[r0:r1, 1 + k] = tail_mass(e, outside_counts(e, loc_ids[r0:r1], mk))
         if sep_ce:
             sums[r0:r1, 2 + k] = torch.exp(x - shift).sum(-1)
         if cfg.has_ce:

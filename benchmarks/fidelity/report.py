@@ -166,27 +166,21 @@ def plot(path: Path, runs, table: dict, bytes_per_token: dict, dense_bytes: floa
     plt.close(fig)
 
 
+def last_line(table: dict, bytes_per_token: dict, *, key: str = "gap_closed", sampled=("sampled50",),
+              sampled_bytes: str = "sampled50") -> str:
+    """The study's one-line summary: the gap each cache closes and the bytes per token of top-64 and one sampled."""
+    gaps = " ".join(f"{name}={table[name]['gap'][0]:.0f}%"
+                    for name in ("topk64_bucket", "topk64_renormalize", *sampled))  # fmt: skip
+    return (
+        f"{key}: dense=100% {gaps} bytes_per_token_topk64={bytes_per_token['topk64']:.1f} "
+        f"bytes_per_token_{sampled_bytes}={bytes_per_token[sampled_bytes]:.1f}"
+    )
+
+
 def last_line_real(table: dict, bytes_per_token: dict) -> str:
-    def g(name):
-        return f"{table[name]['gap'][0]:.0f}%"
-
-    return (
-        f"gap_closed_real: dense=100% topk64_bucket={g('topk64_bucket')} topk64_renormalize={g('topk64_renormalize')} "
-        f"sampled12={g('sampled12')} sampled50={g('sampled50')} "
-        f"bytes_per_token_topk64={bytes_per_token['topk64']:.1f} "
-        f"bytes_per_token_sampled12={bytes_per_token['sampled12']:.1f}"
-    )
-
-
-def last_line(table: dict, bytes_per_token: dict) -> str:
-    def g(name):
-        return f"{table[name]['gap'][0]:.0f}%"
-
-    return (
-        f"gap_closed: dense=100% topk64_bucket={g('topk64_bucket')} topk64_renormalize={g('topk64_renormalize')} "
-        f"sampled50={g('sampled50')} bytes_per_token_topk64={bytes_per_token['topk64']:.1f} "
-        f"bytes_per_token_sampled50={bytes_per_token['sampled50']:.1f}"
-    )
+    """:func:`last_line` of the real-teacher study (two sampled caches, the bytes of the smaller)."""
+    return last_line(table, bytes_per_token, key="gap_closed_real", sampled=("sampled12", "sampled50"),
+                     sampled_bytes="sampled12")  # fmt: skip
 
 
 def goals(table: dict, runs, bytes_per_token: dict, key: str = "gap", gap: str = "") -> list[str]:
